@@ -1,0 +1,35 @@
+"""Geometry of weight space: output metrics, the pullback metric, the WeightSpace manifold.
+
+Nothing here imports :mod:`riemfip`; data flows one way, from a batch through
+:class:`PullbackMetric` to :class:`WeightSpace` and on to the solvers and
+optimizers in :mod:`riemfip`.
+"""
+
+from .conjugate_gradient import SolveResult, conjugate_gradient
+from .flat import FlatModule
+from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_geodesic
+from .output_metrics import Bhattacharyya, Euclidean, OutputMetric, SoftmaxFisher, get_output_metric
+from .pullback import PullbackMetric, as_batches
+from .validation import ConvergenceWarning, NotConvergedError
+from .weight_space import WeightSpace, flat_parameter, write_point
+
+__all__ = [
+    "Bhattacharyya",
+    "ConvergenceWarning",
+    "Euclidean",
+    "FlatModule",
+    "GeodesicTrajectory",
+    "NotConvergedError",
+    "OutputMetric",
+    "PullbackMetric",
+    "SoftmaxFisher",
+    "SolveResult",
+    "WeightSpace",
+    "as_batches",
+    "conjugate_gradient",
+    "expmap_approximation",
+    "flat_parameter",
+    "get_output_metric",
+    "integrate_geodesic",
+    "write_point",
+]

@@ -1,0 +1,129 @@
+r"""Conjugate gradients for symmetric positive (semi-)definite operators, in torch.
+
+Matrix-free: the operator is a callable ``v -> A v``. Runs on whatever device
+and dtype its inputs have; used for :math:`g(w)^{-1} b` when neither a dense nor
+an output-space solve is cheaper.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .validation import ConvergenceWarning, NotConvergedError
+
+__all__ = ["SolveResult", "conjugate_gradient", "default_tolerance", "report_failure"]
+
+
+@dataclass
+class SolveResult:
+    """Result of a linear solve :math:`A x = b`.
+
+    Attributes
+    ----------
+    x : torch.Tensor
+        The solution.
+    residual : float
+        Relative residual :math:`\\|b - A x\\| / \\|b\\|` (for direct methods, as measured
+        with one extra product where it is checked, else 0).
+    iterations : int
+        Operator applications spent (0 for direct methods).
+    converged : bool
+        Whether ``residual <= tol``.
+    method : str
+        ``"cg"``, ``"output"`` or ``"dense"``.
+    """
+
+    x: torch.Tensor
+    residual: float
+    iterations: int
+    converged: bool
+    method: str
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance suited to ``dtype``: 1e-10 for float64, 1e-5 otherwise."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def report_failure(result: SolveResult, tol: float, on_failure: str) -> None:
+    """Warn (``"warn"``), raise :class:`NotConvergedError` (``"raise"``) or do nothing
+    (``"ignore"``) for a solve that did not converge."""
+    if result.converged or on_failure == "ignore":
+        return
+    msg = (
+        f"{result.method} solve stopped after {result.iterations} iterations with relative "
+        f"residual {result.residual:.3e} > tol {tol:.1e}; increase maxiter or damping"
+    )
+    if on_failure == "raise":
+        raise NotConvergedError(msg, result.residual, result.iterations)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    *,
+    x0: torch.Tensor | None = None,
+    tol: float | None = None,
+    maxiter: int | None = None,
+) -> SolveResult:
+    r"""Solve :math:`A x = b` for symmetric positive semi-definite :math:`A`.
+
+    Stops when :math:`\|b - A x\| \le \text{tol}\,\|b\|` or after ``maxiter``
+    products. On a singular :math:`A` with :math:`b` in its range, CG started
+    from zero returns the minimum-norm solution.
+
+    Parameters
+    ----------
+    matvec : callable
+        ``v -> A v``.
+    b : torch.Tensor
+        Right-hand side, 1-D.
+    x0 : torch.Tensor, optional
+        Warm start (default zero).
+    tol : float, optional
+        Relative residual tolerance (default :func:`default_tolerance`).
+    maxiter : int, optional
+        Cap on products (default ``min(b.numel(), 1000)``).
+
+    Returns
+    -------
+    SolveResult
+        Never raises on non-convergence: the caller decides (see :func:`report_failure`).
+    """
+    tol = default_tolerance(b.dtype) if tol is None else float(tol)
+    maxiter = min(b.numel(), 1000) if maxiter is None else int(maxiter)
+    bnorm = float(torch.linalg.vector_norm(b))
+    if bnorm == 0.0:
+        return SolveResult(torch.zeros_like(b), 0.0, 0, True, "cg")
+    if x0 is None:
+        x = torch.zeros_like(b)
+        r = b.clone()
+        its = 0
+    else:
+        x = x0.clone()
+        r = b - matvec(x)
+        its = 1
+    p = r.clone()
+    rr = torch.dot(r, r)
+    res = float(rr.sqrt()) / bnorm
+    while res > tol and its < maxiter:
+        ap = matvec(p)
+        its += 1
+        pap = torch.dot(p, ap)
+        if float(pap) <= 0.0:
+            # Direction of zero (or negative, from round-off) curvature: A is singular
+            # along p and b has a component outside its range. Stop with what we have.
+            break
+        alpha = rr / pap
+        x.add_(p, alpha=float(alpha))
+        r.sub_(ap, alpha=float(alpha))
+        rr_new = torch.dot(r, r)
+        res = float(rr_new.sqrt()) / bnorm
+        p.mul_(rr_new / rr).add_(r)
+        rr = rr_new
+    return SolveResult(x, res, its, res <= tol, "cg")

@@ -1,0 +1,211 @@
+r"""Weight space as a :class:`geoopt.Manifold` with a task-induced pullback metric.
+
+Points are flat 1-D weight vectors :math:`w \in \mathbb{R}^n`; every tangent space
+is :math:`\mathbb{R}^n` with the inner product :math:`\langle u, v\rangle_{g(w)}` of a
+:class:`~manifolds.pullback.PullbackMetric`.
+
+Contracts
+---------
+``retr(x, u) = x + u``
+    The first-order exponential map (a retraction: :math:`R_x(0)=x`, :math:`DR_x(0)=I`).
+``transp(x, y, v) = v``
+    The identity vector transport in the global chart. It is a valid vector
+    transport for this retraction (tangent spaces are all :math:`\mathbb{R}^n`), but not
+    parallel transport and not an isometry of :math:`g`.
+``expmap(x, u)``
+    The geodesic flow at :math:`t = 1`, by RK4 with ``expmap_steps`` steps.
+``egrad2rgrad(x, u) = g(x)^{-1} u``
+    The natural gradient.
+
+With these, ``geoopt.optim.RiemannianSGD`` takes the natural-gradient step
+:math:`w \leftarrow w - \eta\, g(w)^{-1}\nabla L(w)`.
+
+Pickling and copying
+--------------------
+geoopt keeps the manifold on every :class:`geoopt.ManifoldParameter`, so it
+travels with ``pickle``/``torch.save``/``copy.deepcopy`` of the parameter. A
+:class:`WeightSpace` holds a network and its task data, which must not travel:
+``copy.deepcopy`` shares the manifold (no copy of network or data), and
+pickling stores an *unbound* manifold whose metric methods raise until the
+parameter gets a new one (``param.manifold = WeightSpace(metric)``).
+"""
+
+from __future__ import annotations
+
+import geoopt
+import torch
+from torch import nn
+
+from .flat import FlatModule
+from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_geodesic
+from .pullback import PullbackMetric
+
+__all__ = ["WeightSpace", "flat_parameter", "write_point"]
+
+
+class WeightSpace(geoopt.Manifold):
+    r"""Flat weights with the pullback metric ``metric``.
+
+    Parameters
+    ----------
+    metric : PullbackMetric
+        The metric :math:`g(w)`.
+    expmap_steps : int
+        RK4 steps of :meth:`expmap` (4 acceleration solves each). The default
+        32 gives great circles on the unit sphere to below 1e-6 for
+        :math:`|v| \le 1`.
+    """
+
+    name = "WeightSpace"
+    ndim = 1
+    reversible = False
+
+    def __init__(self, metric: PullbackMetric | None, *, expmap_steps: int = 32):
+        super().__init__()
+        if metric is not None and not isinstance(metric, PullbackMetric):
+            raise TypeError(f"metric must be a PullbackMetric, got {type(metric).__name__}")
+        self._metric = metric
+        self.expmap_steps = int(expmap_steps)
+
+    # -------------------------------------------------------------- plumbing
+    @property
+    def metric(self) -> PullbackMetric:
+        """The pullback metric (raises on a manifold restored from a pickle)."""
+        if self._metric is None:
+            raise RuntimeError(
+                "this WeightSpace was restored from a pickle without its metric (network and "
+                "data are never pickled); assign param.manifold = WeightSpace(metric)"
+            )
+        return self._metric
+
+    def __reduce_ex__(self, protocol):
+        return (_unbound_weight_space, (self.expmap_steps,))
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def extra_repr(self) -> str:
+        return repr(self._metric) if self._metric is not None else "unbound"
+
+    def _check_shape(self, shape, name):
+        ok = len(shape) == 1
+        if self._metric is not None and self._metric.dim is not None:
+            ok = ok and shape[0] == self._metric.dim
+        return ok, None if ok else f"{name} must be a flat vector of the right length, got {tuple(shape)}"
+
+    def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
+        ok = bool(torch.isfinite(x).all())
+        return ok, None if ok else "point has non-finite entries"
+
+    def _check_vector_on_tangent(self, x, u, *, atol=1e-5, rtol=1e-5):
+        ok = bool(torch.isfinite(u).all())
+        return ok, None if ok else "vector has non-finite entries"
+
+    # -------------------------------------------------------------- metric
+    def inner(self, x, u, v=None, *, keepdim=False) -> torch.Tensor:
+        r""":math:`\langle u, v\rangle_{g(x)}`; ``keepdim`` gives shape ``(1,)``."""
+        out = self.metric.inner(x, u, v)
+        return out.reshape(1) if keepdim else out
+
+    def norm(self, x, u, *, keepdim=False) -> torch.Tensor:
+        r""":math:`\|u\|_{g(x)}`."""
+        return self.inner(x, u, keepdim=keepdim).clamp_min(0).sqrt()
+
+    def proju(self, x, u) -> torch.Tensor:
+        """Identity: every tangent space is the whole of :math:`\\mathbb{R}^n`."""
+        return u
+
+    def projx(self, x) -> torch.Tensor:
+        """Identity: every finite vector is a point."""
+        return x
+
+    def egrad2rgrad(self, x, u) -> torch.Tensor:
+        r"""Natural gradient :math:`g(x)^{-1} u` (see :meth:`PullbackMetric.solve`)."""
+        return self.metric.solve(x, u)
+
+    # -------------------------------------------------------------- maps
+    def retr(self, x, u) -> torch.Tensor:
+        """:math:`x + u`."""
+        return x + u
+
+    def transp(self, x, y, v) -> torch.Tensor:
+        """Identity vector transport in the global chart."""
+        return v
+
+    def retr_transp(self, x, u, v):
+        """:math:`(x + u, v)`."""
+        return x + u, v
+
+    def expmap(self, x, u) -> torch.Tensor:
+        r""":math:`\exp_x(u)`: the geodesic flow at :math:`t=1`, RK4 with ``expmap_steps`` steps."""
+        return self.geodesic(x, u).end
+
+    def expmap_approx(self, x, u, *, order: int = 2) -> torch.Tensor:
+        r"""Taylor approximation of :math:`\exp_x(u)`: ``order=1`` is :math:`x+u`,
+        ``order=2`` is :math:`x + u - \tfrac12\Gamma_x(u, u)`."""
+        x = self.metric._check_point(x)
+        return expmap_approximation(self.metric, x, self.metric._check_tangent("u", u, x), order)
+
+    def geodesic(
+        self,
+        x,
+        u,
+        *,
+        t1: float = 1.0,
+        steps: int | None = None,
+        record: bool = False,
+        speeds: bool = False,
+    ) -> GeodesicTrajectory:
+        r"""The geodesic :math:`t \mapsto \exp_x(t u)` on :math:`[0, t_1]`.
+
+        With ``speeds=True`` the result carries :math:`\|\dot w\|_g` at each kept
+        point and :attr:`~GeodesicTrajectory.speed_drift`, the speed-conservation
+        diagnostic (exactly 0 for an exact geodesic).
+        """
+        x = self.metric._check_point(x)
+        u = self.metric._check_tangent("u", u, x)
+        return integrate_geodesic(
+            self.metric,
+            x,
+            u,
+            t1=t1,
+            steps=self.expmap_steps if steps is None else steps,
+            record=record,
+            speeds=speeds,
+        )
+
+    def random(self, *size, dtype=None, device=None, **kwargs):
+        raise NotImplementedError("WeightSpace has no natural distribution; start from a network")
+
+
+def _unbound_weight_space(expmap_steps: int) -> WeightSpace:
+    return WeightSpace(None, expmap_steps=expmap_steps)
+
+
+def flat_parameter(module: nn.Module, manifold: WeightSpace) -> geoopt.ManifoldParameter:
+    """The module's weights as one flat :class:`geoopt.ManifoldParameter` on ``manifold``.
+
+    All weights form one parameter because the metric couples them (geoopt steps
+    each parameter on its own). Evaluate the network at it with a
+    :class:`~manifolds.flat.FlatModule` (``manifold.metric.module(param, x)`` for a
+    metric built by :meth:`PullbackMetric.from_module`), and write the result
+    back with :func:`write_point`.
+
+    Raises
+    ------
+    ValueError
+        The module's architecture differs from the metric's (names the parameter).
+    """
+    flat = FlatModule(module)
+    metric = manifold.metric
+    if metric.module is not None:
+        metric.module.check_same_architecture(flat)
+    elif metric.dim is not None and metric.dim != flat.dim:
+        raise ValueError(f"module has {flat.dim} weights, the metric expects {metric.dim}")
+    return geoopt.ManifoldParameter(flat.flatten(), manifold=manifold)
+
+
+def write_point(module: nn.Module, w: torch.Tensor) -> None:
+    """Copy the flat point ``w`` into ``module``'s parameters (the flat order of
+    ``parameters_to_vector(module.parameters())``)."""
+    FlatModule(module).write(w)
