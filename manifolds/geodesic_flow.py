@@ -137,7 +137,9 @@ def integrate_geodesic(
         points, velocities = torch.stack(ws), torch.stack(vs)
         speed = None
         if speeds:
-            speed = torch.stack([metric.norm(p, u) for p, u in zip(points, velocities, strict=True)])
+            speed = torch.stack(
+                [metric.norm(p, u) for p, u in zip(points, velocities, strict=True)]
+            )
     return GeodesicTrajectory(
         t=torch.tensor(ts, dtype=w.dtype, device=w.device),
         points=points,

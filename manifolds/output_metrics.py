@@ -131,7 +131,7 @@ class Bhattacharyya(SoftmaxFisher):
     """
 
     name = "bhattacharyya"
-    scale = 2.0 ** -0.5
+    scale = 2.0**-0.5
 
     def divergence(self, y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         half = 0.5 * (torch.log_softmax(y, dim=-1) + torch.log_softmax(y0, dim=-1))

@@ -318,7 +318,9 @@ class PullbackMetric:
         w = self._check_point(w)
         return self._matvec(w, self._check_tangent("v", v, w))
 
-    def inner(self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+    def inner(
+        self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
+    ) -> torch.Tensor:
         r""":math:`\langle u, v\rangle_{g(w)} = (Ju)^\top (Jv) + \lambda\, u^\top v` (0-D tensor)."""
         w = self._check_point(w)
         u = self._check_tangent("u", u, w)
@@ -425,7 +427,9 @@ class PullbackMetric:
                 jb = evecs.T @ self._jvp(w, b)
                 if self.damping:
                     # Woodbury: (J^T J + l I)^{-1} b = (b - J^T (K + l I)^{-1} J b) / l
-                    x = (b - vjp_fn(evecs @ (self._inverse_spectrum(evals, 1) * jb))[0]) / self.damping
+                    x = (
+                        b - vjp_fn(evecs @ (self._inverse_spectrum(evals, 1) * jb))[0]
+                    ) / self.damping
                 else:
                     # pseudo-inverse: (J^T J)^+ b = J^T K^{-2} J b
                     x = vjp_fn(evecs @ (self._inverse_spectrum(evals, 2) * jb))[0]

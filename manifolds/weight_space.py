@@ -91,7 +91,10 @@ class WeightSpace(geoopt.Manifold):
         ok = len(shape) == 1
         if self._metric is not None and self._metric.dim is not None:
             ok = ok and shape[0] == self._metric.dim
-        return ok, None if ok else f"{name} must be a flat vector of the right length, got {tuple(shape)}"
+        return (
+            ok,
+            None if ok else f"{name} must be a flat vector of the right length, got {tuple(shape)}",
+        )
 
     def _check_point_on_manifold(self, x, *, atol=1e-5, rtol=1e-5):
         ok = bool(torch.isfinite(x).all())

@@ -76,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
             acc = (out.argmax(1) == ds.y_test).float().mean()
             return float(kl), 100 * float(acc), float(w.norm())
 
-        print(f"\n{'t':>5} | {'geodesic: KL':>12} {'acc %':>6} {'|w|':>7} | "
-              f"{'line: KL':>9} {'acc %':>6} {'|w|':>7} | {'speed':>7}")
+        print(
+            f"\n{'t':>5} | {'geodesic: KL':>12} {'acc %':>6} {'|w|':>7} | "
+            f"{'line: KL':>9} {'acc %':>6} {'|w|':>7} | {'speed':>7}"
+        )
         for t, w, s in zip(path.t, path.points, path.speeds, strict=True):
             g = report(w)
             line = report(w0 + t * v0)
-            print(f"{float(t):5.2f} | {g[0]:12.5f} {g[1]:6.1f} {g[2]:7.2f} | "
-                  f"{line[0]:9.5f} {line[1]:6.1f} {line[2]:7.2f} | {float(s):7.4f}")
+            print(
+                f"{float(t):5.2f} | {g[0]:12.5f} {g[1]:6.1f} {g[2]:7.2f} | "
+                f"{line[0]:9.5f} {line[1]:6.1f} {line[2]:7.2f} | {float(s):7.4f}"
+            )
     print(
         f"\nspeed drift along the geodesic: {path.speed_drift:.2e} (0 for an exact geodesic); "
         f"{path.solves} acceleration solves, worst CG residual {path.max_solve_residual:.1e}; "
