@@ -5,6 +5,14 @@ Nothing here imports :mod:`riemfip`; data flows one way, from a batch through
 optimizers in :mod:`riemfip`.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # geoopt 0.5.1 decorates functions with torch.jit.script, which torch >= 2.9 deprecates
+    # with a FutureWarning on import; it is geoopt's, not the user's, to act on.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    import geoopt  # noqa: F401
+
 from .conjugate_gradient import SolveResult, conjugate_gradient
 from .flat import FlatModule
 from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_geodesic
