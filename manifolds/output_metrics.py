@@ -31,8 +31,10 @@ Metrics
 ``"bhattacharyya"``
     The Hessian of the Bhattacharyya distance
     :math:`D_B(p, q) = -\log \sum_k \sqrt{p_k q_k}` at :math:`q = p`, which is
-    :math:`G_{\text{Fisher}} / 8`; :math:`\phi(z) = \sqrt{p / 2}`. This is the
-    distance the authors' code penalises.
+    :math:`G_{\text{Fisher}} / 4`; :math:`\phi(z) = \sqrt{p}`. (The familiar
+    "/8" is the coefficient of the squared Fisher length:
+    :math:`D_B \approx \tfrac18\, dz^\top G_{\text{Fisher}}\, dz = \tfrac12\, dz^\top (G_{\text{Fisher}}/4)\, dz`.)
+    This is the distance the authors' code penalises.
 
 Each metric also has a ``divergence(y, y0)`` whose Hessian in :math:`y` at
 :math:`y = y_0` is :math:`G(y_0)`: half the squared distance, the KL divergence
@@ -124,14 +126,14 @@ class SoftmaxFisher(OutputMetric):
 
 
 class Bhattacharyya(SoftmaxFisher):
-    r"""Hessian of the Bhattacharyya distance at the diagonal: Fisher / 8.
+    r"""Hessian of the Bhattacharyya distance at the diagonal: Fisher / 4.
 
-    :math:`\phi(z) = \sqrt{p/2}`,
+    :math:`\phi(z) = \sqrt{p}`,
     :math:`D(z, z_0) = -\log \sum_k \sqrt{p_k\, p_{0,k}}`.
     """
 
     name = "bhattacharyya"
-    scale = 2.0**-0.5
+    scale = 1.0
 
     def divergence(self, y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         half = 0.5 * (torch.log_softmax(y, dim=-1) + torch.log_softmax(y0, dim=-1))

@@ -136,7 +136,7 @@ class PullbackMetric:
         else ``"output"`` for :math:`m \le 256`, else ``"cg"``.
     tol, maxiter : optional
         Conjugate-gradient relative tolerance (default 1e-10 in float64, 1e-5
-        otherwise) and iteration cap (default ``min(n, 1000)``).
+        otherwise) and iteration cap (default ``min(10 n, 1000)``).
     on_failure : {"warn", "raise", "ignore"}
         What a solve that misses ``tol`` does: a :class:`~manifolds.validation.ConvergenceWarning`
         with the residual, a :class:`~manifolds.validation.NotConvergedError`, or nothing

@@ -1,0 +1,14 @@
+"""Fixtures shared by the tests (helpers live in ``dense_reference.py``)."""
+
+from __future__ import annotations
+
+import pytest
+from dense_reference import make_mlp, randn
+
+
+@pytest.fixture
+def tiny_mlp():
+    """A 3-4-2 tanh MLP (26 weights), a batch of 5 inputs, float64."""
+    net = make_mlp((3, 4, 2), seed=1, scale=1.5)
+    x = randn(5, 3, seed=2)
+    return net, x
