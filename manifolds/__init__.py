@@ -8,10 +8,16 @@ optimizers in :mod:`riemfip`.
 import warnings
 
 with warnings.catch_warnings():
-    # geoopt 0.5.1 decorates functions with torch.jit.script, which torch >= 2.9 deprecates
-    # with a FutureWarning on import; it is geoopt's, not the user's, to act on.
+    # geoopt 0.5.1 and torch's own forward-AD decompositions (imported lazily on the first
+    # jvp) call torch.jit.script, which torch >= 2.9 deprecates with a FutureWarning per
+    # call; the warning is theirs, not the user's, to act on, so load both quietly here.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     import geoopt  # noqa: F401
+
+    try:
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    except ImportError:  # a torch without this private module has nothing to silence
+        pass
 
 from .conjugate_gradient import SolveResult, conjugate_gradient
 from .flat import FlatModule

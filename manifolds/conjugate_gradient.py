@@ -7,6 +7,8 @@ an output-space solve is cheaper.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,7 +62,16 @@ def report_failure(result: SolveResult, tol: float, on_failure: str) -> None:
     )
     if on_failure == "raise":
         raise NotConvergedError(msg, result.residual, result.iterations)
-    warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=_first_frame_outside_package())
+
+
+def _first_frame_outside_package() -> int:
+    """The ``stacklevel`` that points a warning at the user's call, not at our internals."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def conjugate_gradient(
