@@ -120,7 +120,8 @@ def fit_bezier(
         Seeds the minibatch order and the sampled times.
     checkpoint : path, optional
         Written after every epoch; an existing file is resumed from (it must belong to the
-        same endpoints), so an interrupted run continues where it stopped.
+        same endpoints, ``epochs``, ``batch_size`` and ``lr``), so an interrupted run
+        continues where it stopped and ends as the uninterrupted run would.
 
     Returns
     -------
@@ -144,12 +145,18 @@ def fit_bezier(
     opt = torch.optim.SGD([control], lr=lr, momentum=momentum, weight_decay=weight_decay)
     losses: list[float] = []
     start = 0
+    schedule = {"epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr)}
     gen = torch.Generator().manual_seed(int(seed))
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, map_location=w_a.device, weights_only=False)
         ends = torch.stack([w_a, w_b]).to(state["ends"].dtype)
         if state["ends"].shape != ends.shape or not torch.allclose(state["ends"], ends):
             raise ValueError(f"checkpoint {checkpoint} belongs to other endpoints")
+        if state["schedule"] != schedule:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written with {state['schedule']}, this call asks "
+                f"for {schedule}; the learning-rate schedule would differ"
+            )
         with torch.no_grad():
             control.copy_(state["control"])
         opt.load_state_dict(state["optimizer"])
@@ -177,11 +184,13 @@ def fit_bezier(
                 loss_sum += float(loss.detach()) * len(idx)
             losses.append(loss_sum / n)
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, w_a, w_b, control, opt, gen, losses, epoch + 1)
+                _save_checkpoint(
+                    checkpoint, w_a, w_b, control, opt, gen, losses, epoch + 1, schedule
+                )
     return QuadraticBezier(w_a, control.detach().clone(), w_b, losses)
 
 
-def _save_checkpoint(file, w_a, w_b, control, opt, gen, losses, epoch) -> None:
+def _save_checkpoint(file, w_a, w_b, control, opt, gen, losses, epoch, schedule) -> None:
     Path(file).parent.mkdir(parents=True, exist_ok=True)
     state = {
         "ends": torch.stack([w_a, w_b]),
@@ -190,6 +199,7 @@ def _save_checkpoint(file, w_a, w_b, control, opt, gen, losses, epoch) -> None:
         "generator": gen.get_state(),
         "losses": losses,
         "epoch": epoch,
+        "schedule": schedule,
     }
     tmp = Path(file).with_suffix(Path(file).suffix + ".tmp")
     torch.save(state, tmp)
