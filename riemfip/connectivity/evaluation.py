@@ -258,8 +258,9 @@ class ConnectivityReport:
 
     def table(self) -> str:
         """A plain-text table, one row per path."""
+        width = max(10, *(len(name) for name in self.paths))
         head = (
-            f"{'path':<10} {'barrier':>8} {'max err %':>9} {'end err %':>9} {'mid acc %':>9} "
+            f"{'path':<{width}} {'barrier':>8} {'max err %':>9} {'end err %':>9} {'mid acc %':>9} "
             f"{'|dw| len':>9} {'|dF| len':>9} {'energy':>10}"
         )
         rows = [head]
@@ -268,7 +269,7 @@ class ConnectivityReport:
             fl = "-" if s["function_length"] is None else f"{s['function_length']:.4f}"
             en = "-" if s["energy"] is None else f"{s['energy']:.5f}"
             rows.append(
-                f"{name:<10} {s['barrier']:8.4f} {100 * s['max_error']:9.2f} "
+                f"{name:<{width}} {s['barrier']:8.4f} {100 * s['max_error']:9.2f} "
                 f"{100 * s['endpoint_error']:9.2f} {100 * s['midpoint_accuracy']:9.2f} "
                 f"{s['weight_length']:9.3f} {fl:>9} {en:>10}"
             )

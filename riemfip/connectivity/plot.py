@@ -11,17 +11,18 @@ from pathlib import Path
 __all__ = ["plot_report"]
 
 _STYLES = {
-    "geodesic": dict(color="tab:blue", marker="o"),
     "bezier": dict(color="tab:green", marker="s"),
     "line": dict(color="tab:red", marker="^"),
 }
+# Every other path (the geodesic first, then e.g. geodesics on other anchor sets), in order.
+_OTHERS = ("tab:blue", "tab:purple", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "0.3")
 
 
 def plot_report(report, file: str | Path, *, title: str | None = None) -> Path:
     """Two panels (loss, accuracy in %) with one curve per path; returns the PNG path.
 
-    Paths named ``"geodesic"``, ``"bezier"`` and ``"line"`` get fixed colours; others
-    take matplotlib's cycle. The dashed grey line in the accuracy panel is the lower
+    Paths named ``"bezier"`` and ``"line"`` get fixed colours (green, red); the others
+    (geodesics) take blue, purple, cyan, ... in order. The dashed grey line in the accuracy panel is the lower
     endpoint accuracy of the first path, to read drops against.
     """
     try:
@@ -35,10 +36,11 @@ def plot_report(report, file: str | Path, *, title: str | None = None) -> Path:
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    others = iter(_OTHERS * len(report.paths))
     for name, ev in report.paths.items():
         s = ev.summary()
         label = f"{name} (barrier {s['barrier']:.3f}, max err {100 * s['max_error']:.1f}%)"
-        style = _STYLES.get(name, {})
+        style = _STYLES.get(name) or dict(color=next(others), marker="o")
         ax_loss.plot(ev.s.numpy(), ev.loss.numpy(), label=label, markersize=3, **style)
         ax_acc.plot(ev.s.numpy(), 100 * ev.accuracy.numpy(), label=name, markersize=3, **style)
     first = next(iter(report.paths.values()))
