@@ -13,7 +13,8 @@ Quantities
 With :math:`s_k = (t_k - t_0)/(t_{K-1} - t_0)`, per-point loss :math:`L_k` and accuracy :math:`A_k`:
 
 * **barrier** :math:`\max_k \big(L_k - (1 - s_k) L_0 - s_k L_{K-1}\big)`, the largest
-  excess of the loss over the linear mix of the endpoint losses (0 or less: no barrier);
+  excess of the loss over the linear mix of the endpoint losses (never negative, since it is 0
+  at the ends; 0 means the loss never rises above the mix);
 * **max error** :math:`1 - \min_k A_k`;
 * **length in weights** :math:`\sum_k \|w_{k+1} - w_k\|`;
 * **length in function space** :math:`\sum_k \|F(w_{k+1}) - F(w_k)\|`, with :math:`F`
@@ -196,14 +197,15 @@ class PathEvaluation:
         return float(1 - torch.minimum(self.accuracy[0], self.accuracy[-1]))
 
     def summary(self) -> dict:
-        """Scalars only: barrier, errors, lengths, energy, where the worst point lies."""
+        """Scalars only: barrier, errors, lengths, energy, where the worst point lies, and the
+        accuracy at the point nearest the middle (:math:`s = 1/2`)."""
         k = int(self.accuracy.argmin())
         return {
             "barrier": self.barrier,
             "max_error": self.max_error,
             "endpoint_error": self.endpoint_error,
             "t_max_error": float(self.t[k]),
-            "midpoint_accuracy": float(self.accuracy[len(self.accuracy) // 2]),
+            "midpoint_accuracy": float(self.accuracy[int((self.s - 0.5).abs().argmin())]),
             "weight_length": self.weight_length,
             "function_length": self.function_length,
             "energy": self.energy,
