@@ -169,6 +169,7 @@ def main(argv=None) -> int:
         maxiter=args.maxiter,
         krylov_maxiter=args.krylov,
         verbose=True,
+        callback=lambda it, v, rn: torch.save(v, ckpt),
     )
     torch.save(path.v0, ckpt)
     report["shoot"] = {

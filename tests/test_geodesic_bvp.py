@@ -229,3 +229,24 @@ def test_weight_space_logmap_options_survive_pickle_and_are_checked():
         WeightSpace(PullbackMetric(sphere), logmap_options={"strict": False})
     with pytest.raises(TypeError, match="dict"):
         WeightSpace(PullbackMetric(sphere), logmap_options=["segments"])
+
+
+def test_shoot_checkpoint_and_resume(sphere_metric, sphere_path):
+    w0, w1, ref = sphere_path
+    seen = []
+    first = shoot(
+        sphere_metric,
+        w0,
+        w1,
+        steps=16,
+        maxiter=2,
+        callback=lambda it, v, rn: seen.append((it, v, rn)),
+    )
+    assert not first.converged and "maximum number of Newton iterations" in first.message
+    assert [it for it, _, _ in seen] == [1, 2]
+    # the residual norms reported to the callback decrease (Newton from the line start)
+    assert seen[1][2] < seen[0][2]
+    resumed = shoot(sphere_metric, w0, w1, steps=16, v0=seen[-1][1])
+    assert resumed.converged and resumed.metadata["init"] == "v0"
+    assert resumed.iterations < ref.iterations
+    torch.testing.assert_close(resumed.v0, ref.v0, rtol=1e-9, atol=1e-9)

@@ -83,6 +83,7 @@ def shoot(
     solver: str | None = None,
     strict: bool = False,
     verbose: bool = False,
+    callback=None,
 ) -> GeodesicPath:
     r"""Solve :math:`\exp_{w_0}(v) = w_1` for :math:`v` by Newton shooting.
 
@@ -125,6 +126,10 @@ def shoot(
         an unconverged path.
     verbose : bool
         Print one line per Newton iteration.
+    callback : callable, optional
+        ``callback(iteration, v0, residual_norm)`` after each accepted Newton step,
+        with the current initial velocity: save ``v0`` there to checkpoint a long
+        solve, and pass it back as ``v0=`` to resume.
 
     Returns
     -------
@@ -237,6 +242,8 @@ def shoot(
             rnorm_prev = rnorm
             z, r, rnorm = z_new, r_new, rnorm_new
             history.append(rnorm)
+            if callback is not None:
+                callback(iterations, problem.initial_velocity(z), rnorm)
         else:
             if problem.defect_ok(rnorm, tol):
                 message = "converged"
