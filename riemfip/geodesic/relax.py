@@ -132,7 +132,7 @@ def relax(
         with torch.enable_grad():
             e = objective()
             (grad,) = torch.autograd.grad(e, interior)
-        return float(e), _norm(grad)
+        return float(e.detach()), _norm(grad)
 
     e_line = float(discrete_energy(metric, line).detach()) if init is not None else None
     e_start, g_start = gradient_norm()
