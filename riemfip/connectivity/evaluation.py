@@ -305,10 +305,19 @@ def _labelled(data: object) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _chords(metric: PullbackMetric, points: torch.Tensor, k: int, prev: torch.Tensor | None):
+def _embedded(metric: PullbackMetric, w: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        e = metric.embed(points[k])
-    return e, (None if prev is None else float(torch.linalg.vector_norm(e - prev)))
+        return metric.embed(w)
+
+
+def _chord_energy(df: torch.Tensor, dw: torch.Tensor, t: torch.Tensor, damping: float) -> float:
+    r""":math:`\tfrac12 \sum_k (\|\Delta F_k\|^2 + \lambda \|\Delta w_k\|^2) / \Delta t_k` from the chord lengths."""
+    return float(0.5 * ((df**2 + damping * dw**2) / t.diff()).sum())
+
+
+def _lengths(points: torch.Tensor) -> torch.Tensor:
+    r""":math:`\|w_{k+1} - w_k\|`, float64 on the CPU."""
+    return torch.linalg.vector_norm(points.diff(dim=0), dim=1).double().cpu()
 
 
 def path_energy(
@@ -330,17 +339,14 @@ def path_energy(
     t, points = as_path(path, metric.dim)
     flat = metric.module
     batches = None if bn_inputs is None else _bn_batches(bn_inputs, points)
-    energy, prev = 0.0, None
+    embedded = []
     ctx = _restored_batchnorm(flat.module) if flat is not None else contextlib.nullcontext([])
     with ctx as layers:
-        for k in range(len(t)):
+        for w in points:
             if layers and batches is not None:
-                _recompute_batchnorm(flat, layers, points[k], batches)
-            prev, chord = _chords(metric, points, k, prev)
-            if chord is not None:
-                dw = float(torch.linalg.vector_norm(points[k] - points[k - 1]))
-                energy += 0.5 * (chord**2 + metric.damping * dw**2) / float(t[k] - t[k - 1])
-    return energy
+                _recompute_batchnorm(flat, layers, w, batches)
+            embedded.append(_embedded(metric, w))
+    return _chord_energy(_lengths(torch.stack(embedded)), _lengths(points), t, metric.damping)
 
 
 def evaluate_path(
@@ -400,7 +406,7 @@ def evaluate_path(
                     "(training inputs) so that their statistics are recomputed at each point"
                 )
             batches = _bn_batches(bn_inputs, points)
-        losses, accs, chords, prev = [], [], [], None
+        losses, accs, embedded = [], [], []
         with torch.no_grad():
             for k in range(len(t)):
                 w = points[k]
@@ -415,15 +421,13 @@ def evaluate_path(
                 losses.append(loss_sum / len(x))
                 accs.append(correct / len(x))
                 if metric is not None:
-                    prev, chord = _chords(metric, points, k, prev)
-                    if chord is not None:
-                        chords.append(chord)
-    dw = torch.linalg.vector_norm(points.diff(dim=0), dim=1).double().cpu()
+                    embedded.append(_embedded(metric, w))
+    dw = _lengths(points)
     function_length = energy = None
     if metric is not None:
-        df = torch.tensor(chords, dtype=torch.float64)
+        df = _lengths(torch.stack(embedded))
         function_length = float(df.sum())
-        energy = float(0.5 * ((df**2 + metric.damping * dw**2) / t.diff()).sum())
+        energy = _chord_energy(df, dw, t, metric.damping)
     return PathEvaluation(
         name=str(name),
         t=t,
