@@ -16,6 +16,11 @@ Contracts
     The geodesic flow at :math:`t = 1`, by RK4 with ``expmap_steps`` steps.
 ``egrad2rgrad(x, u) = g(x)^{-1} u``
     The natural gradient.
+``logmap(x, y)``, ``dist(x, y)``
+    The initial velocity and the length of the geodesic from ``x`` to ``y``, by
+    Newton shooting on :meth:`expmap` (:func:`riemfip.geodesic.shoot`, with the
+    same RK4 steps, so ``logmap(x, expmap(x, u)) = u`` to the shooting
+    tolerance). A failed solve raises :class:`~manifolds.validation.NotConvergedError`.
 
 With these, ``geoopt.optim.RiemannianSGD`` takes the natural-gradient step
 :math:`w \leftarrow w - \eta\, g(w)^{-1}\nabla L(w)`.
@@ -56,18 +61,43 @@ class WeightSpace(geoopt.Manifold):
         below 1e-6 (measured: 3e-7) for :math:`|v|_g \le 1` along paths that keep
         0.15 away from the poles; 32 steps reach only 1.5e-6 there (the error
         falls as ``steps**-4``).
+    logmap_options : dict, optional
+        Keyword arguments for :func:`riemfip.geodesic.shoot` used by :meth:`logmap`
+        and :meth:`dist` (e.g. ``init="relax"``, ``segments``, ``tol``, ``maxiter``);
+        ``steps`` defaults to ``expmap_steps``.
+
+    Notes
+    -----
+    The boundary-value solver lives in :mod:`riemfip.geodesic` (it is an
+    algorithm built on this geometry, not geometry). :meth:`logmap` imports it
+    lazily, at call time, so importing :mod:`manifolds` never imports
+    :mod:`riemfip`; this is the only such import.
     """
 
     name = "WeightSpace"
     ndim = 1
     reversible = False
 
-    def __init__(self, metric: PullbackMetric | None, *, expmap_steps: int = 64):
+    def __init__(
+        self,
+        metric: PullbackMetric | None,
+        *,
+        expmap_steps: int = 64,
+        logmap_options: dict | None = None,
+    ):
         super().__init__()
         if metric is not None and not isinstance(metric, PullbackMetric):
             raise TypeError(f"metric must be a PullbackMetric, got {type(metric).__name__}")
+        if logmap_options is not None and not isinstance(logmap_options, dict):
+            raise TypeError(f"logmap_options must be a dict, got {type(logmap_options).__name__}")
         self._metric = metric
         self.expmap_steps = int(expmap_steps)
+        self.logmap_options = dict(logmap_options or {})
+        for key in ("strict", "v0"):
+            if key in self.logmap_options:
+                raise ValueError(
+                    f"logmap_options may not set {key!r} (logmap always raises on failure)"
+                )
 
     # -------------------------------------------------------------- plumbing
     @property
@@ -81,7 +111,7 @@ class WeightSpace(geoopt.Manifold):
         return self._metric
 
     def __reduce_ex__(self, protocol):
-        return (_unbound_weight_space, (self.expmap_steps,))
+        return (_unbound_weight_space, (self.expmap_steps, self.logmap_options))
 
     def __deepcopy__(self, memo):
         return self
@@ -151,6 +181,36 @@ class WeightSpace(geoopt.Manifold):
         x = self.metric._check_point(x)
         return expmap_approximation(self.metric, x, self.metric._check_tangent("u", u, x), order)
 
+    def _geodesic_to(self, x, y):
+        r"""The geodesic from ``x`` to ``y``: a :class:`riemfip.geodesic.GeodesicPath` from
+        :func:`riemfip.geodesic.shoot` with ``logmap_options`` (raises if it fails)."""
+        from riemfip.geodesic import shoot  # lazy: manifolds never imports riemfip at import time
+
+        options = {"steps": self.expmap_steps} | self.logmap_options
+        return shoot(self.metric, x, y, strict=True, **options)
+
+    def logmap(self, x, y) -> torch.Tensor:
+        r""":math:`\log_x(y)`, the initial velocity of the geodesic from ``x`` to ``y`` at
+        :math:`t = 1`, so that ``expmap(x, logmap(x, y)) = y`` to the shooting tolerance.
+
+        Raises
+        ------
+        NotConvergedError
+            The shooting did not reach its tolerance (message and residual attached);
+            try ``logmap_options={"init": "relax"}`` or more ``segments``.
+        """
+        return self._geodesic_to(x, y).v0
+
+    def dist(self, x, y, *, keepdim=False) -> torch.Tensor:
+        r"""Geodesic distance :math:`\|\log_x(y)\|_{g(x)}` (0-D tensor; ``(1,)`` with ``keepdim``).
+
+        It is the length of the geodesic that shooting finds; on a manifold with
+        several geodesics between two points that is not necessarily the shortest.
+        """
+        path = self._geodesic_to(x, y)
+        out = torch.tensor(path.length, dtype=path.v0.dtype, device=path.v0.device)
+        return out.reshape(1) if keepdim else out
+
     def geodesic(
         self,
         x,
@@ -183,8 +243,8 @@ class WeightSpace(geoopt.Manifold):
         raise NotImplementedError("WeightSpace has no natural distribution; start from a network")
 
 
-def _unbound_weight_space(expmap_steps: int) -> WeightSpace:
-    return WeightSpace(None, expmap_steps=expmap_steps)
+def _unbound_weight_space(expmap_steps: int, logmap_options: dict | None = None) -> WeightSpace:
+    return WeightSpace(None, expmap_steps=expmap_steps, logmap_options=logmap_options)
 
 
 def flat_parameter(module: nn.Module, manifold: WeightSpace) -> geoopt.ManifoldParameter:

@@ -1,0 +1,54 @@
+r"""The geodesic acceleration as a pure tensor function, for transforms (``jacfwd``, ``vmap``).
+
+:meth:`manifolds.PullbackMetric.acceleration` is the production route (CG for
+networks, residual checks, warnings). Its CG loop converts residuals to Python
+floats, so it cannot be differentiated or batched by :mod:`torch.func`. For small
+:math:`n` this module gives the same quantity,
+
+.. math::
+
+    a(w, v) = -\Gamma_w(v, v) = -g^{-1} J^\top D^2F[v, v],
+    \qquad g = J^\top J + \lambda I,
+
+with dense linear algebra only, so that the exact Jacobian of the exponential
+map (the variational equation) and the collocation right-hand side over a whole
+mesh come from one transformed call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jvp, vmap
+
+__all__ = ["functional_acceleration"]
+
+
+def functional_acceleration(metric, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    r""":math:`-g^{-1}J^\top D^2F[v, v]` by dense algebra; differentiable and ``vmap``-able.
+
+    :math:`J` and :math:`D^2F[v, v]` come from one batched forward-over-forward JVP
+    in the :math:`n + 1` directions :math:`(e_1, \dots, e_n, v)`. The solve is in
+    weight space (:math:`n \times n`) when :math:`n \le m` or :math:`\lambda = 0`
+    (least squares, so a singular :math:`g` gives the minimum-norm answer), else in
+    output space, :math:`-J^\top (JJ^\top + \lambda I)^{-1} h`.
+    """
+    n = w.numel()
+
+    def inner(x):
+        return jvp(metric.embed, (x,), (v,))
+
+    def outer(u):
+        return jvp(inner, (w,), (u,))[1]
+
+    dirs = torch.cat([torch.eye(n, dtype=w.dtype, device=w.device), v.unsqueeze(0)])
+    ju, huv = vmap(outer)(dirs)
+    jac, h = ju[:n].T, huv[n]
+    m = jac.shape[0]
+    lam = metric.damping
+    if n <= m or lam == 0.0:
+        g = jac.T @ jac
+        if lam:
+            g = g + lam * torch.eye(n, dtype=w.dtype, device=w.device)
+        return -torch.linalg.lstsq(g, (jac.T @ h).unsqueeze(-1)).solution.squeeze(-1)
+    k = jac @ jac.T + lam * torch.eye(m, dtype=w.dtype, device=w.device)
+    return -jac.T @ torch.linalg.solve(k, h)
