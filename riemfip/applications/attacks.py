@@ -176,6 +176,8 @@ def pgd(
     _members(classifier)
     _check_inputs(x, y)
     _check_eps(eps)
+    if eps == 0:
+        return x.detach().clone()  # the ball is a point
     step_size = float(eps) / 10 if step_size is None else step_size
     _check_pgd(steps, step_size)
     x = x.detach()

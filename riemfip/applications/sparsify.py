@@ -72,6 +72,7 @@ __all__ = [
 ]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_DEFAULT_FIP_OPTIONS = {"mode": "penalty", "beta": 3.0}
 
 
 def _check_sparsity(sparsity: float) -> float:
@@ -488,7 +489,7 @@ def fip_prune(
     with torch.no_grad():
         diagnostics["penalty_start"] = float(pruning_penalty(net, sparsity))
     if fip_steps:
-        options = {"mode": "penalty", "beta": 3.0} if fip_options is None else fip_options
+        options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
         opt = FIP(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
         sched = (
             torch.optim.lr_scheduler.CosineAnnealingLR(opt, fip_steps)
@@ -537,7 +538,7 @@ def _fip_settings(settings: dict | None) -> dict:
     out = {k: params[k].default for k in _FIP_SETTINGS}
     out.update(settings)
     if out["fip_options"] is None:
-        out["fip_options"] = {"mode": "penalty", "beta": 3.0}
+        out["fip_options"] = dict(_DEFAULT_FIP_OPTIONS)
     return out
 
 

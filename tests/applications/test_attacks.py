@@ -32,7 +32,9 @@ def test_pgd_is_stronger_than_fgsm_which_beats_clean(trained_mlp, mnist_small):
     _, _, x, y = mnist_small
     clean = ensemble_loss(trained_mlp, x, y).mean()
     l_fgsm = ensemble_loss(trained_mlp, fgsm(trained_mlp, x, y, EPS), y).mean()
-    l_pgd = ensemble_loss(trained_mlp, pgd(trained_mlp, x, y, EPS, steps=10), y).mean()
+    l_pgd = ensemble_loss(
+        trained_mlp, pgd(trained_mlp, x, y, EPS, steps=10, step_size=0.025), y
+    ).mean()
     assert clean < l_fgsm < l_pgd
     acc_clean = accuracy(trained_mlp, x, y)
     acc_pgd = robust_accuracy(trained_mlp, x, y, AttackConfig.pgd(EPS, steps=10))

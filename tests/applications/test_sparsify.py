@@ -37,8 +37,8 @@ def test_mask_prunes_exactly_the_smallest_weights_globally():
     assert int(sum((~m).sum() for m in masks.values())) == round(0.6 * (n1 + n2))
     # Global ranking: all 150 pruned weights come from the small first layer.
     assert bool(masks["2.weight"].all()) and int(masks["0.weight"].sum()) == 50
-    kept = net[0].weight.abs()[masks["0.weight"]]
-    pruned = net[0].weight.abs()[~masks["0.weight"]]
+    kept = net[0].weight.detach().abs()[masks["0.weight"]]
+    pruned = net[0].weight.detach().abs()[~masks["0.weight"]]
     assert float(kept.min()) >= float(pruned.max())
     # Biases are not prunable.
     assert "0.bias" not in prunable_weights(net)
@@ -114,3 +114,49 @@ def test_result_round_trips_through_json(tmp_path):
         back.row("fip", 0.9)
     assert res.plot(tmp_path / "r.png").stat().st_size > 1000
     assert "magnitude+finetune" in res.table()
+
+
+def test_fip_path_makes_the_hard_mask_cheap(trained_mlp, mnist_small):
+    from riemfip.applications.sparsify import fip_prune
+
+    x, y, xt, yt = mnist_small
+    shot = one_shot_prune(trained_mlp, 0.95)
+    # The whole budget on the path, no fine-tuning: what the mask costs after the path.
+    pruned, diag = fip_prune(trained_mlp, 0.95, x, y, steps=40, fip_steps=40, anchor_size=64)
+    assert prune.is_pruned(pruned)
+    assert weight_sparsity(pruned) == pytest.approx(0.95, abs=1e-4)
+    assert diag["penalty_end"] < diag["penalty_start"]
+    assert diag["finetune_steps"] == 0 and 0.0 <= diag["drift_agreement"] <= 1.0
+    assert accuracy(pruned, xt, yt) > accuracy(shot, xt, yt) + 0.1
+    with pytest.raises(ValueError, match="fip_steps"):
+        fip_prune(trained_mlp, 0.9, x, y, steps=10, fip_steps=11)
+    with pytest.raises(ValueError, match="anchor_size"):
+        fip_prune(trained_mlp, 0.9, x, y, steps=10, fip_steps=5, anchor_size=1)
+
+
+def test_sweep_writes_the_record_and_resumes_from_it(trained_mlp, mnist_small, tmp_path):
+    from riemfip.applications.sparsify import sparsify_sweep
+    from riemfip.data import Dataset
+
+    x, y, xt, yt = mnist_small
+    data = Dataset(x, y, xt, yt, 10, "mnist-small")
+    ckpt = tmp_path / "sweep.json"
+    kwargs = dict(steps=6, fip_steps=4, fip_settings={"anchor_size": 32}, checkpoint=ckpt)
+    res = sparsify_sweep(trained_mlp, data, [0.5, 0.9], **kwargs)
+    record = json.loads(ckpt.read_text())
+    assert {"application", "dense_test_accuracy", "config", "rows"} <= set(record)
+    assert record["config"]["fip"]["anchor_size"] == 32
+    assert record["config"]["fip"]["fip_options"]["mode"] == "penalty"
+    assert len(record["rows"]) == 6
+    for row in record["rows"]:
+        assert {"method", "target_sparsity", "sparsity", "test_accuracy", "steps"} <= set(row)
+        assert row["sparsity"] == pytest.approx(row["target_sparsity"], abs=1e-3)
+        assert row["steps"] == (0 if row["method"] == "magnitude" else 6)
+    again = sparsify_sweep(trained_mlp, data, [0.5, 0.9], **kwargs)
+    assert [r.extra["seconds"] for r in again.rows] == [r.extra["seconds"] for r in res.rows]
+    with pytest.raises(ValueError, match="methods"):
+        sparsify_sweep(trained_mlp, data, [0.5], steps=2, fip_steps=1, methods=["random"])
+    with pytest.raises(ValueError, match="fip_settings"):
+        sparsify_sweep(trained_mlp, data, [0.5], steps=2, fip_steps=1, fip_settings={"lr_": 1})
+    with pytest.raises(TypeError, match="Dataset"):
+        sparsify_sweep(trained_mlp, (x, y), [0.5], steps=2, fip_steps=1)
