@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=json_path,
         progress=True,
     )
-    result.config["wall_seconds_this_run"] = time.perf_counter() - t0
     result.to_json(json_path)
     result.plot(args.out / "sparsify_lenet.png")
     print(result.table())

@@ -481,13 +481,13 @@ def _fip_settings(settings: dict | None) -> dict:
     return out
 
 
-def _members_cached(path: Path | None, make_model, count: int, build) -> list[nn.Module]:
-    """``build()`` or, when ``path`` holds ``count`` saved state dicts, the saved members."""
+def _members_cached(path: Path | None, make_model, key: dict, build) -> list[nn.Module]:
+    """``build()``, or the members saved at ``path`` when they were built with the same ``key``."""
     if path is not None and path.is_file():
-        states = torch.load(path)
-        if len(states) == count:
+        saved = torch.load(path)
+        if saved.get("key") == json.loads(json.dumps(key)):
             members = []
-            for state in states:
+            for state in saved["states"]:
                 net = make_model()
                 net.load_state_dict(state)
                 members.append(net.eval())
@@ -495,7 +495,9 @@ def _members_cached(path: Path | None, make_model, count: int, build) -> list[nn
     members = build()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save([m.state_dict() for m in members], path)
+        torch.save(
+            {"key": json.loads(json.dumps(key)), "states": [m.state_dict() for m in members]}, path
+        )
     return members
 
 
@@ -538,8 +540,8 @@ def compare_ensembles(
         ``attack_steps``, ``anchor_size``, ``lr``, ``fip_options``); the record's
         config holds the values used, defaults included.
     checkpoint_dir : path, optional
-        Trained members are saved there (``independent.pt``, ``fip.pt``) and
-        reused by a rerun with the same ``size``.
+        Trained members are saved there (``independent.pt``, ``fip.pt``) with the
+        settings that built them, and reused by a rerun with the same settings.
 
     Returns
     -------
@@ -555,10 +557,11 @@ def compare_ensembles(
     seconds: dict = {}
 
     t0 = time.perf_counter()
+    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
     independent = _members_cached(
         ckpt and ckpt / "independent.pt",
         make_model,
-        size,
+        train_key,
         lambda: independent_ensemble(
             make_model,
             data.x_train,
@@ -591,7 +594,8 @@ def compare_ensembles(
         fip_diag.update(diag)
         return members
 
-    fip_members = _members_cached(ckpt and ckpt / "fip.pt", make_model, size, build_fip)
+    fip_key = {**train_key, "steps_per_member": steps_per_member, **settings}
+    fip_members = _members_cached(ckpt and ckpt / "fip.pt", make_model, fip_key, build_fip)
     seconds["fip_path"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

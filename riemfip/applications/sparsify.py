@@ -580,8 +580,9 @@ def sparsify_sweep(
         ``penalty_weight``, ``anchor_size``, ``fip_options``); the record's
         config holds the values used, defaults included.
     checkpoint : path, optional
-        JSON written after every row; rows already in it (same method and
-        sparsity) are reused, so an interrupted sweep resumes.
+        JSON written after every row; when it was written with the same config
+        and dense accuracy, its rows (same method and sparsity) are reused, so an
+        interrupted sweep resumes.
     config : dict, optional
         Extra entries for the record's ``config`` (architecture, dense training, ...).
 
@@ -617,7 +618,10 @@ def sparsify_sweep(
     )
     done: list[SparsifyRow] = []
     if checkpoint is not None and Path(checkpoint).is_file():
-        done = SparsifyResult.from_json(checkpoint).rows
+        saved = SparsifyResult.from_json(checkpoint)
+        same = json.loads(json.dumps(cfg)) == saved.config
+        if same and math.isclose(saved.dense_test_accuracy, result.dense_test_accuracy):
+            done = saved.rows
     jobs = [(m, s) for s in sparsities for m in methods]
     for method, s in tqdm(jobs, disable=not progress, desc="sparsify", leave=False):
         prior = [r for r in done if r.method == method and math.isclose(r.target_sparsity, s)]

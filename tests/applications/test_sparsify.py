@@ -154,6 +154,9 @@ def test_sweep_writes_the_record_and_resumes_from_it(trained_mlp, mnist_small, t
         assert row["steps"] == (0 if row["method"] == "magnitude" else 6)
     again = sparsify_sweep(trained_mlp, data, [0.5, 0.9], **kwargs)
     assert [r.extra["seconds"] for r in again.rows] == [r.extra["seconds"] for r in res.rows]
+    # A checkpoint written with other settings is not reused.
+    other = sparsify_sweep(trained_mlp, data, [0.5, 0.9], **{**kwargs, "steps": 7})
+    assert all(r.steps in (0, 7) for r in other.rows)
     with pytest.raises(ValueError, match="methods"):
         sparsify_sweep(trained_mlp, data, [0.5], steps=2, fip_steps=1, methods=["random"])
     with pytest.raises(ValueError, match="fip_settings"):
