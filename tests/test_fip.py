@@ -17,6 +17,7 @@ from torch import nn
 from manifolds import PullbackMetric
 from riemfip.optim import FIP, anchor_spectrum, solve_output_system
 from riemfip.optim.anchor import GroupFunction, holdout_mask
+from riemfip.optim.linear_gram import linear_gram_plan
 from riemfip.optim.output_solve import embedded_outputs
 
 DIM, CLASSES = 6, 4
@@ -337,3 +338,46 @@ def test_bad_options_are_rejected(task, kwargs, match):
     net = task["net"]
     with pytest.raises(ValueError, match=match):
         FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], **kwargs)
+
+
+def test_linear_gram_matches_dense_jacobian(task):
+    """The Kronecker-structured K = JJ^T of an nn.Linear stack equals the dense one, for a
+    group holding some weights and biases only."""
+    net, x = task["net"], task["anchors"]
+    params = [net[0].weight, net[2].bias, net[4].weight, net[4].bias]
+    fn = GroupFunction(net, params)
+    plan = linear_gram_plan(net, fn)
+    assert plan is not None
+    w = torch.cat([p.detach().reshape(-1) for p in params])
+    for name in ("euclidean", "bhattacharyya"):
+        metric = PullbackMetric(lambda v: fn(v, x), output_metric=name)
+        jac = metric.jacobian(w)
+        gram, emb = plan(metric.output_metric, w, x)
+        assert torch.allclose(gram, jac @ jac.T, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(emb, metric.embed(w))
+    assert (
+        linear_gram_plan(
+            nn.Sequential(nn.Conv1d(1, 1, 1)), GroupFunction(nn.Sequential(nn.Conv1d(1, 1, 1)), [])
+        )
+        is not None
+    )  # an empty group is trivially linear
+
+
+def test_exact_and_pcg_solvers_take_the_same_step(task):
+    steps = []
+    for solver in ("exact", "pcg"):
+        net = copy.deepcopy(task["net"])
+        opt = FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=task["anchors"],
+            solver=solver,
+            solve_tol=1e-10,
+            solve_maxiter=500,
+        )
+        for _ in range(2):
+            opt.zero_grad()
+            new_task_backward(net, task)
+            opt.step()
+        steps.append(flat(net))
+    assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)

@@ -67,6 +67,7 @@ from torch import nn
 from manifolds.output_metrics import OutputMetric, get_output_metric
 
 from .anchor import Anchor, GroupFunction
+from .linear_gram import LinearGram, linear_gram_plan
 from .output_solve import AnchorSpectrum, anchor_spectrum, embedded_outputs, solve_output_system
 
 __all__ = ["FIP", "FIPStepInfo", "AnchorDrift"]
@@ -204,6 +205,12 @@ class FIP(OptimMixin, torch.optim.Optimizer):
     holdout_fraction : float
         Share of ``anchor_inputs`` held out when ``holdout_inputs`` is not given
         (0: measure drift on the fit anchors).
+    solver : {"auto", "exact", "pcg"}
+        How each step solves with the current metric: ``"exact"`` builds
+        :math:`JJ^\top` from layer inputs and output gradients
+        (:mod:`riemfip.optim.linear_gram`; every parameter of the group must belong to
+        an ``nn.Linear``) and factors it by Cholesky; ``"pcg"`` runs preconditioned CG
+        (any network); ``"auto"`` takes ``"exact"`` where it applies.
     solve_tol, solve_maxiter : float, int
         Relative residual and iteration cap of each step's output-space solve
         (:func:`~riemfip.optim.output_solve.solve_output_system`).
@@ -262,6 +269,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         max_backtracks: int = 5,
         holdout_inputs: torch.Tensor | Iterable | None = None,
         holdout_fraction: float = 0.2,
+        solver: str = "auto",
         solve_tol: float = 1e-3,
         solve_maxiter: int = 50,
         refresh_iterations: int = 20,
@@ -270,6 +278,8 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         max_rank: int | None = None,
         stabilize: int | None = None,
     ):
+        if solver not in ("auto", "exact", "pcg"):
+            raise ValueError(f"solver must be 'auto', 'exact' or 'pcg', got {solver!r}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if not isinstance(model, nn.Module):
@@ -287,6 +297,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             refresh_every=None
             if refresh_every is None
             else int(_check_number("refresh_every", refresh_every, low=1)),
+            solver=solver,
             solve_tol=_check_number("solve_tol", solve_tol, low=0, low_open=True),
             solve_maxiter=int(_check_number("solve_maxiter", solve_maxiter, low=1)),
             refresh_iterations=int(_check_number("refresh_iterations", refresh_iterations, low=1)),
@@ -299,6 +310,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             _DEFAULT_METRIC[mode] if output_metric is None else output_metric
         )
         self._functions: list[GroupFunction] = []
+        self._plans: list[LinearGram | None] = []
         self._spectra: dict[int, AnchorSpectrum] = {}
         self.last_info: list[FIPStepInfo] = []
         super().__init__(params, defaults, stabilize=stabilize)
@@ -324,7 +336,9 @@ class FIP(OptimMixin, torch.optim.Optimizer):
                     f"parameter {i} is {p.dtype} on {p.device}, parameter 0 {params[0].dtype} "
                     f"on {params[0].device}; a group moves as one vector"
                 )
-        self._functions.append(GroupFunction(self.model, params))
+        fn = GroupFunction(self.model, params)
+        self._functions.append(fn)
+        self._plans.append(linear_gram_plan(self.model, fn))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -427,6 +441,56 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         self._spectra[gi] = spectrum
         return spectrum
 
+    def _output_solve(self, gi: int, group: dict, w: torch.Tensor, grad: torch.Tensor, state):
+        r"""Solve :math:`(JJ^\top + \lambda I) z = (J\nabla, F(w) - F(w_0))` with :math:`J` at ``w``.
+
+        Returns :math:`(J^\top z_1, J^\top z_2)` stacked, the residual :math:`F(w) - F(w_0)`,
+        the rank of the stored spectrum (0 on the exact path) and the CG iterations.
+        """
+        fn, x = self._functions[gi], self.anchor.fit_inputs
+
+        def embed(v):
+            return embedded_outputs(self.output_metric, fn(v, x))
+
+        plan = self._plans[gi] if group["solver"] != "pcg" else None
+        built = plan(self.output_metric, w, x) if plan is not None else None
+        if built is None:
+            if group["solver"] == "exact":
+                raise ValueError(
+                    "solver='exact' needs every parameter of the group to belong to an nn.Linear "
+                    "applied once to (N, features) inputs; use solver='pcg'"
+                )
+            spectrum = self._spectrum(gi, group, w, state)
+            residual = embed(w) - self._fit_target
+            _, jvp_grad = torch.func.jvp(embed, (w,), (grad,))
+            solve = solve_output_system(
+                embed,
+                w,
+                torch.stack([jvp_grad, residual]),
+                spectrum,
+                tol=group["solve_tol"],
+                maxiter=group["solve_maxiter"],
+            )
+            if solve.iterations >= group["refresh_iterations"]:
+                state["stale"] = True  # the preconditioner no longer fits J: refactor next step
+            return solve.pulled_back, residual, spectrum.rank, solve.iterations
+        gram, emb = built
+        m = gram.shape[0]
+        if "damping" not in state:  # fixed at the first step: one metric per run
+            state["damping"] = group["damping"] * float(gram.diagonal().sum()) / m
+        residual = emb - self._fit_target
+        _, jvp_grad = torch.func.jvp(embed, (w,), (grad,))
+        shifted = gram + state["damping"] * torch.eye(m, dtype=gram.dtype, device=gram.device)
+        chol, info = torch.linalg.cholesky_ex(shifted)
+        rhs = torch.stack([jvp_grad, residual], dim=1)
+        if int(info) == 0:
+            z = torch.cholesky_solve(rhs, chol).T
+        else:  # lost definiteness to rounding: fall back to a least-squares solve
+            z = torch.linalg.lstsq(shifted, rhs).solution.T
+        _, vjp_fn = torch.func.vjp(embed, w)
+        pulled_back = torch.func.vmap(lambda u: vjp_fn(u)[0])(z)
+        return pulled_back, residual, 0, 0
+
     def _penalty_gradient(self, gi: int, w: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             wp = w.detach().requires_grad_(True)
@@ -470,31 +534,12 @@ class FIP(OptimMixin, torch.optim.Optimizer):
                 buf = grad.clone() if buf is None else buf.mul_(group["momentum"]).add_(grad)
                 state["momentum_buffer"] = buf
                 grad = buf
-            spectrum = self._spectrum(gi, group, w, state)
-            rank = spectrum.rank
-            fn, x = self._functions[gi], self.anchor.fit_inputs
-
-            def embed(v):
-                return embedded_outputs(self.output_metric, fn(v, x))
-
-            residual = embed(w) - self._fit_target
+            pulled_back, residual, rank, iterations = self._output_solve(gi, group, w, grad, state)
             fit_residual = float(residual.norm())
-            _, jvp_grad = torch.func.jvp(embed, (w,), (grad,))
-            solve = solve_output_system(
-                embed,
-                w,
-                torch.stack([jvp_grad, residual]),
-                spectrum,
-                tol=group["solve_tol"],
-                maxiter=group["solve_maxiter"],
-            )
-            iterations = solve.iterations
-            if iterations >= group["refresh_iterations"]:
-                state["stale"] = True  # the preconditioner no longer fits J: refactor next step
-            direction = grad - solve.pulled_back[0]
+            direction = grad - pulled_back[0]
             kept = float(direction.norm()) / grad_norm if grad_norm > 0 else 0.0
             secondary = -lr * direction
-            correction = -group["correction"] * solve.pulled_back[1]
+            correction = -group["correction"] * pulled_back[1]
         else:
             u = grad + group["beta"] * self._penalty_gradient(gi, w)
             unorm = float(u.norm())
