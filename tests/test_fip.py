@@ -209,11 +209,19 @@ def test_drift_budget_is_respected(task):
 
 
 # --------------------------------------------------------------------- state
-@pytest.mark.parametrize("mode", ["natural", "penalty"])
+def noisy(x, gen):
+    return x + 0.3 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("mode", ["natural", "penalty", "transform"])
 def test_state_dict_round_trip_reproduces_next_step(task, mode):
     net = copy.deepcopy(task["net"])
-    kwargs = dict(model=net, anchor_inputs=task["anchors"], mode=mode)
-    if mode == "natural":
+    kwargs = dict(model=net, anchor_inputs=task["anchors"])
+    if mode == "transform":
+        kwargs["anchor_transform"] = noisy
+    else:
+        kwargs["mode"] = mode
+    if mode != "penalty":
         kwargs["momentum"] = 0.5
     opt = FIP(net.parameters(), lr=0.05, **kwargs)
     for _ in range(3):
@@ -314,6 +322,19 @@ def test_nan_loss_is_rejected_and_weights_untouched(task):
     assert torch.equal(flat(net), w)
     with pytest.raises(ValueError, match="closure's loss is nan"):
         opt.step(lambda: torch.tensor(float("nan")))
+
+
+def test_anchor_transform_of_wrong_shape_is_rejected(task):
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        anchor_transform=lambda x, g: x[:3],
+    )
+    new_task_backward(net, task)
+    with pytest.raises(ValueError, match="anchor_transform must return"):
+        opt.step()
 
 
 def test_group_with_foreign_parameter_is_rejected(task):
