@@ -28,6 +28,28 @@ def mlp() -> nn.Module:
     )
 
 
+def jitter(shift: int, noise: float):
+    """Unlabelled anchor augmentation for MNIST: random shifts of up to ``shift`` pixels and
+    Gaussian pixel noise of std ``noise``."""
+
+    def transform(x, gen):
+        img = x.reshape(-1, 28, 28)
+        out = torch.zeros_like(img)
+        dx = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+        dy = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+        for sx in range(-shift, shift + 1):
+            for sy in range(-shift, shift + 1):
+                sel = (dx == sx) & (dy == sy)
+                if sel.any():
+                    out[sel] = torch.roll(img[sel], shifts=(sy, sx), dims=(1, 2))
+        out = out.reshape(x.shape)
+        if noise > 0:
+            out = out + noise * torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        return out
+
+    return transform
+
+
 def accuracy(net, x, y) -> float:
     with torch.no_grad():
         return 100.0 * float((net(x).argmax(1) == y).float().mean())
@@ -78,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--damping", type=float, default=None)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--refresh-every", type=int, default=None)
+    p.add_argument("--correction", type=float, default=None)
+    p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
+    p.add_argument("--noise", type=float, default=0.0, help="anchor_transform: pixel noise std")
     p.add_argument("--holdout-fraction", type=float, default=None)
     p.add_argument("--drift-budget", type=float, default=None)
     p.add_argument("--penalty", action="store_true", help="also run the authors' penalty mode")
@@ -119,9 +144,11 @@ def main(argv=None) -> int:
     results["finetune"] = {**evaluate(net), "seconds": secs}
 
     options = {"lr": args.lr, "momentum": args.momentum, "refresh_every": args.refresh_every}
-    for key in ("metric", "damping", "holdout_fraction", "drift_budget"):
+    for key in ("metric", "damping", "holdout_fraction", "drift_budget", "correction"):
         if getattr(args, key) is not None:
             options["output_metric" if key == "metric" else key] = getattr(args, key)
+    if args.shift or args.noise:
+        options["anchor_transform"] = jitter(args.shift, args.noise)
     net = copy.deepcopy(net_a)
     t0 = time.perf_counter()
     opt = FIP(net.parameters(), model=net, anchor_inputs=anchors, **options)

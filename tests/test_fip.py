@@ -17,6 +17,7 @@ from torch import nn
 from manifolds import PullbackMetric
 from riemfip.optim import FIP, anchor_spectrum, solve_output_system
 from riemfip.optim.anchor import GroupFunction, holdout_mask
+from riemfip.optim.linear_gram import linear_gram_plan
 from riemfip.optim.output_solve import embedded_outputs
 
 DIM, CLASSES = 6, 4
@@ -208,11 +209,19 @@ def test_drift_budget_is_respected(task):
 
 
 # --------------------------------------------------------------------- state
-@pytest.mark.parametrize("mode", ["natural", "penalty"])
+def noisy(x, gen):
+    return x + 0.3 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("mode", ["natural", "penalty", "transform"])
 def test_state_dict_round_trip_reproduces_next_step(task, mode):
     net = copy.deepcopy(task["net"])
-    kwargs = dict(model=net, anchor_inputs=task["anchors"], mode=mode)
-    if mode == "natural":
+    kwargs = dict(model=net, anchor_inputs=task["anchors"])
+    if mode == "transform":
+        kwargs["anchor_transform"] = noisy
+    else:
+        kwargs["mode"] = mode
+    if mode != "penalty":
         kwargs["momentum"] = 0.5
     opt = FIP(net.parameters(), lr=0.05, **kwargs)
     for _ in range(3):
@@ -315,6 +324,19 @@ def test_nan_loss_is_rejected_and_weights_untouched(task):
         opt.step(lambda: torch.tensor(float("nan")))
 
 
+def test_anchor_transform_of_wrong_shape_is_rejected(task):
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        anchor_transform=lambda x, g: x[:3],
+    )
+    new_task_backward(net, task)
+    with pytest.raises(ValueError, match="anchor_transform must return"):
+        opt.step()
+
+
 def test_group_with_foreign_parameter_is_rejected(task):
     net = task["net"]
     stranger = nn.Parameter(torch.zeros(3, dtype=torch.float64))
@@ -337,3 +359,46 @@ def test_bad_options_are_rejected(task, kwargs, match):
     net = task["net"]
     with pytest.raises(ValueError, match=match):
         FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], **kwargs)
+
+
+def test_linear_gram_matches_dense_jacobian(task):
+    """The Kronecker-structured K = JJ^T of an nn.Linear stack equals the dense one, for a
+    group holding some weights and biases only."""
+    net, x = task["net"], task["anchors"]
+    params = [net[0].weight, net[2].bias, net[4].weight, net[4].bias]
+    fn = GroupFunction(net, params)
+    plan = linear_gram_plan(net, fn)
+    assert plan is not None
+    w = torch.cat([p.detach().reshape(-1) for p in params])
+    for name in ("euclidean", "bhattacharyya"):
+        metric = PullbackMetric(lambda v: fn(v, x), output_metric=name)
+        jac = metric.jacobian(w)
+        gram, emb = plan(metric.output_metric, w, x)
+        assert torch.allclose(gram, jac @ jac.T, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(emb, metric.embed(w))
+    assert (
+        linear_gram_plan(
+            nn.Sequential(nn.Conv1d(1, 1, 1)), GroupFunction(nn.Sequential(nn.Conv1d(1, 1, 1)), [])
+        )
+        is not None
+    )  # an empty group is trivially linear
+
+
+def test_exact_and_pcg_solvers_take_the_same_step(task):
+    steps = []
+    for solver in ("exact", "pcg"):
+        net = copy.deepcopy(task["net"])
+        opt = FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=task["anchors"],
+            solver=solver,
+            solve_tol=1e-10,
+            solve_maxiter=500,
+        )
+        for _ in range(2):
+            opt.zero_grad()
+            new_task_backward(net, task)
+            opt.step()
+        steps.append(flat(net))
+    assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)
