@@ -10,8 +10,14 @@ attacks (:mod:`riemfip.applications.attacks`) on the ensemble's mean softmax:
 ``"fip"``
     ``"single"`` and ``size - 1`` networks sampled along a functionally
     invariant path that starts at it (:func:`fip_ensemble`): the path keeps the
-    outputs on clean training inputs fixed and spends its freedom on
-    disagreeing with the ensemble built so far on adversarial inputs.
+    outputs on clean training inputs (the anchor) near ``"single"``'s and spends
+    its freedom on :func:`diversification_loss`, being right where the ensemble
+    built so far is fooled by PGD (``"adversarial_ce"``, default) or merely
+    moving away from its wrong answers (``"disagree"``).
+
+Note that the FIP ensemble sees adversarial examples during its path and the
+independent ensemble does not: the comparison is the one the issue asks for
+(equal size, equal attack), not a comparison with adversarial training.
 
 The record (:class:`RobustnessResult`) holds clean, FGSM and PGD accuracy of
 each at every ε, with every attack's ε, steps, step size and random start.

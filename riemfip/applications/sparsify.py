@@ -69,6 +69,7 @@ __all__ = [
     "sparsify_sweep",
     "SparsifyRow",
     "SparsifyResult",
+    "evaluate_row",
 ]
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
