@@ -5,9 +5,10 @@ one-shot global magnitude pruning; magnitude pruning + masked fine-tuning; FIP
 toward the magnitude-pruned target, hard mask, masked fine-tuning
 (:mod:`riemfip.applications.sparsify`).
 
-Writes ``sparsify_lenet.json`` and ``sparsify_lenet.png`` to ``--out``. The dense
-network (``sparsify_lenet_dense.pt``) and every finished row (the JSON itself)
-are checkpoints: rerunning resumes; ``--fresh`` starts over.
+Writes ``<name>.json`` and ``<name>.png`` to ``--out`` (default name
+``sparsify_lenet``). The dense network (``sparsify_lenet_dense_seed<S>_<E>ep.pt``)
+and every finished row (the JSON itself) are checkpoints: rerunning resumes;
+``--fresh`` starts over.
 
 Run: ``OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/sparsify_lenet.py`` (about 2 CPU-minutes).
 """
@@ -15,6 +16,7 @@ Run: ``OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/sparsify_lenet.py`` (abo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -38,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fip",
+        type=json.loads,
+        default={},
+        help="fip_prune settings as JSON, e.g. '{\"lr\": 0.5}'",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--name", default="sparsify_lenet", help="stem of the output files")
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints")
     args = parser.parse_args(argv)
 
@@ -48,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = round(args.budget_epochs * steps_per_epoch)
     fip_steps = round(args.fip_fraction * steps)
     args.out.mkdir(parents=True, exist_ok=True)
-    dense_path = args.out / "sparsify_lenet_dense.pt"
-    json_path = args.out / "sparsify_lenet.json"
+    dense_path = args.out / f"sparsify_lenet_dense_seed{args.seed}_{args.dense_epochs}ep.pt"
+    json_path = args.out / f"{args.name}.json"
+    png_path = args.out / f"{args.name}.png"
     if args.fresh:
         dense_path.unlink(missing_ok=True)
         json_path.unlink(missing_ok=True)
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         fip_steps=fip_steps,
         batch_size=args.batch_size,
         seed=args.seed,
+        fip_settings=args.fip,
         config={
             "architecture": "LeNet-300-100 (784-300-100-10, ReLU)",
             "dense_training": {
@@ -96,11 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         progress=True,
     )
     result.to_json(json_path)
-    result.plot(args.out / "sparsify_lenet.png")
+    result.plot(png_path)
     print(result.table())
-    print(
-        f"wrote {json_path} and {args.out / 'sparsify_lenet.png'} ({time.perf_counter() - t0:.0f} s)"
-    )
+    print(f"wrote {json_path} and {png_path} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
