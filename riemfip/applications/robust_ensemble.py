@@ -105,7 +105,7 @@ def independent_ensemble(
 
 
 OBJECTIVES = ("adversarial_ce", "disagree")
-_DEFAULT_FIP_OPTIONS = {"mode": "penalty", "beta": 1.0}
+_DEFAULT_FIP_OPTIONS = {"mode": "natural"}
 
 
 def diversification_loss(
@@ -200,9 +200,10 @@ def fip_ensemble(
         Minibatches of the secondary objective.
     fip_options : dict, optional
         Keyword arguments of :class:`riemfip.optim.FIP`; default
-        ``{"mode": "penalty", "beta": 1.0}`` (the authors' formulation; the natural
-        mode solves in the anchor's output space at every step and was too slow
-        for a few-minute CPU benchmark).
+        ``{"mode": "natural"}`` (natural-gradient steps under the anchor's pullback
+        metric). On the MNIST benchmark it beat the authors' penalty mode
+        (``{"mode": "penalty", "beta": 1.0}``: PGD ε 0.1 41.6% vs 20.6%) and kept
+        every member's clean accuracy, at about 3× the path's wall time.
 
     Returns
     -------
@@ -487,24 +488,33 @@ def _fip_settings(settings: dict | None) -> dict:
     return out
 
 
-def _members_cached(path: Path | None, make_model, key: dict, build) -> list[nn.Module]:
-    """``build()``, or the members saved at ``path`` when they were built with the same ``key``."""
+def _members_cached(
+    path: Path | None, make_model, key: dict, build
+) -> tuple[list[nn.Module], dict]:
+    """``build() -> (members, diagnostics)``, or what was saved at ``path`` by a build
+    with the same ``key``."""
+    key = json.loads(json.dumps(key))
     if path is not None and path.is_file():
         saved = torch.load(path)
-        if saved.get("key") == json.loads(json.dumps(key)):
+        if saved.get("key") == key:
             members = []
             for state in saved["states"]:
                 net = make_model()
                 net.load_state_dict(state)
                 members.append(net.eval())
-            return members
-    members = build()
+            return members, saved.get("diagnostics", {})
+    members, diagnostics = build()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"key": json.loads(json.dumps(key)), "states": [m.state_dict() for m in members]}, path
+            {
+                "key": key,
+                "states": [m.state_dict() for m in members],
+                "diagnostics": diagnostics,
+            },
+            path,
         )
-    return members
+    return members, diagnostics
 
 
 def compare_ensembles(
@@ -564,29 +574,31 @@ def compare_ensembles(
 
     t0 = time.perf_counter()
     train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
-    independent = _members_cached(
+    independent, _ = _members_cached(
         ckpt and ckpt / "independent.pt",
         make_model,
         train_key,
-        lambda: independent_ensemble(
-            make_model,
-            data.x_train,
-            data.y_train,
-            size=size,
-            steps=train_steps,
-            lr=lr,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
+        lambda: (
+            independent_ensemble(
+                make_model,
+                data.x_train,
+                data.y_train,
+                size=size,
+                steps=train_steps,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                progress=progress,
+            ),
+            {},
         ),
     )
     seconds["independent"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    fip_diag: dict = {}
 
     def build_fip():
-        members, diag = fip_ensemble(
+        return fip_ensemble(
             independent[0],
             data.x_train,
             data.y_train,
@@ -597,11 +609,11 @@ def compare_ensembles(
             progress=progress,
             **settings,
         )
-        fip_diag.update(diag)
-        return members
 
     fip_key = {**train_key, "steps_per_member": steps_per_member, **settings}
-    fip_members = _members_cached(ckpt and ckpt / "fip.pt", make_model, fip_key, build_fip)
+    fip_members, fip_diag = _members_cached(
+        ckpt and ckpt / "fip.pt", make_model, fip_key, build_fip
+    )
     seconds["fip_path"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -640,7 +652,7 @@ def compare_ensembles(
             "independent": [accuracy(m, data.x_test, data.y_test) for m in independent],
             "fip": [accuracy(m, data.x_test, data.y_test) for m in fip_members],
         },
-        "fip_path": fip_diag or "loaded from checkpoint",
+        "fip_path": fip_diag,
         "seconds": seconds,
     }
     return RobustnessResult(rows, cfg, diagnostics)

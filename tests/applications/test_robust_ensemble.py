@@ -85,6 +85,7 @@ def test_compare_ensembles_end_to_end_record(mnist_small, tmp_path):
         "seed": 0,
     }
     assert record["config"]["fip"]["anchor_size"] == 32
+    assert record["config"]["fip"]["fip_options"] == {"mode": "natural"}
     assert len(record["diagnostics"]["member_clean_accuracy"]["fip"]) == 2
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in record["rows"])
     assert result.plot(tmp_path / "r.png").stat().st_size > 1000
@@ -102,6 +103,7 @@ def test_compare_ensembles_end_to_end_record(mnist_small, tmp_path):
         checkpoint_dir=tmp_path / "ckpt",
     )
     assert again.accuracy("fip", "clean") == result.accuracy("fip", "clean")
+    assert again.diagnostics["fip_path"] == result.diagnostics["fip_path"]
 
 
 def test_bad_inputs_raise_clear_errors(trained_mlp, mnist_small):
