@@ -164,6 +164,9 @@ def test_path_learns_new_task_and_keeps_old_outputs(task):
         opt.zero_grad()
         losses.append(new_task_backward(net, task))
         opt.step()
+        info = opt.last_info[0]
+        # bounded steps: |lambda g^-1 grad| <= |grad| and the pull-back is capped at lr |grad|
+        assert info.step_norm <= 2 * 0.5 * info.grad_norm * (1 + 1e-9)
     assert losses[-1] < 0.5 * losses[0]
 
     net_sgd = copy.deepcopy(base)
