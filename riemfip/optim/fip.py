@@ -27,19 +27,32 @@ With embedded anchor outputs :math:`F(w)` (:math:`F_b = N^{-1/2}\phi(f(w;x_b))`)
 * the second term is a Levenberg–Marquardt step that pulls the outputs back
   toward the frozen :math:`F(w_0)`, undoing the drift that accumulates because
   each step's metric is only locally right (:math:`\gamma` = ``correction``);
+* the pull-back's length is capped at :math:`\eta\|\nabla L\|` (a trust region:
+  where the outputs saturate, e.g. softmax metrics, the first-order pull-back can
+  be arbitrarily long);
 * :math:`\alpha \in (0, 1]` is 1 unless the drift budget shrinks the step;
 * the retraction is :math:`R_w(v) = w + v`.
 
 Both solves use the *current* Jacobian, in the :math:`m`-dimensional output
 space (:math:`m` = anchors x outputs). A metric factored once and reused goes
-stale within a few steps: on 2-task MNIST, directions that left the anchor alone
-at :math:`w_0` moved its logits by ~10 units after 10 steps of length 0.1, and
-the outputs then drifted without bound. For groups made of ``nn.Linear``
+stale within a few steps: on 2-task MNIST (MLP 784-100-100-10, 250 anchors) a
+basis factored at :math:`w_0` let the held-out drift
+:math:`\tfrac12\|\Delta y\|^2` grow from 0.001 to 156 in nine steps of length
+~0.1-0.8, while the current metric kept it at 0.1 over twelve such steps. For groups made of ``nn.Linear``
 parameters, :math:`JJ^\top` is built exactly at every step from layer inputs and
 output gradients and factored by Cholesky (:mod:`riemfip.optim.linear_gram`);
 otherwise conjugate gradients run on :math:`JJ^\top + \lambda I`, preconditioned
 with a stored spectrum that is refactored when the solves slow down
 (:mod:`riemfip.optim.output_solve`).
+
+Anchor neighbourhoods
+---------------------
+The metric sees only the anchor points; other inputs of the old task can still
+move (on MNIST, bare anchors kept 100% of their own arg-max while old-task test
+accuracy fell from 96% to 75%). With ``anchor_transform`` (e.g.
+:class:`~riemfip.optim.anchor.GaussianNoise`) every step uses a fresh
+perturbation of the fit anchors, scored by the frozen weights :math:`w_0`: the
+path then keeps the outputs on a neighbourhood of each anchor. No labels needed.
 
 Penalty mode (the authors' formulation)
 ---------------------------------------
