@@ -1,0 +1,204 @@
+"""Two-task class-incremental MNIST: FIP vs fine-tuning (and the authors' penalty mode).
+
+Task A: digits 0-4; task B: digits 5-9; one MLP 784-100-100-10 with one shared
+10-way head, trained on A, then on B for the same number of steps by each
+method. FIP's anchor is 50 stored training images per old class (250), without
+labels. Accuracies are 10-way, on the offline subset's test images of each task.
+
+Run ``python benchmarks/fip_two_task.py --help``; prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+from torch import nn
+
+from riemfip.data import mnist_subset
+from riemfip.optim import FIP, GaussianNoise
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
+
+
+def jitter(shift: int, noise: float):
+    """Unlabelled anchor augmentation for MNIST: random shifts of up to ``shift`` pixels and
+    Gaussian pixel noise of std ``noise``."""
+
+    if shift == 0:
+        return GaussianNoise(noise)
+
+    def transform(x, gen):
+        img = x.reshape(-1, 28, 28)
+        out = torch.zeros_like(img)
+        dx = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+        dy = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+        for sx in range(-shift, shift + 1):
+            for sy in range(-shift, shift + 1):
+                sel = (dx == sx) & (dy == sy)
+                if sel.any():
+                    out[sel] = torch.roll(img[sel], shifts=(sy, sx), dims=(1, 2))
+        out = out.reshape(x.shape)
+        if noise > 0:
+            out = out + noise * torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        return out
+
+    return transform
+
+
+def accuracy(net, x, y) -> float:
+    with torch.no_grad():
+        return 100.0 * float((net(x).argmax(1) == y).float().mean())
+
+
+def batches(x, y, *, steps, batch, seed):
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x) - batch + 1, batch):
+            if done == steps:
+                return
+            idx = perm[i : i + batch]
+            yield x[idx], y[idx]
+            done += 1
+
+
+def train_task_a(net, x, y, *, epochs, seed):
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for xb, yb in batches(x, y, steps=epochs * (len(x) // 64), batch=64, seed=seed):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xb), yb).backward()
+        opt.step()
+
+
+def run_task_b(net, opt, x, y, *, steps, batch, seed):
+    t0 = time.perf_counter()
+    shrunk = 0
+    for xb, yb in batches(x, y, steps=steps, batch=batch, seed=seed):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xb), yb).backward()
+        opt.step()
+        info = getattr(opt, "last_info", None)
+        if info:
+            shrunk += info[0].shrunk
+    return time.perf_counter() - t0, shrunk
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300, help="task-B steps for every method")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--ft-lr", type=float, default=0.3, help="fine-tuning SGD learning rate")
+    p.add_argument("--lr", type=float, default=1.0, help="FIP natural-mode learning rate")
+    p.add_argument("--epochs-a", type=int, default=5)
+    p.add_argument("--anchors-per-class", type=int, default=50)
+    p.add_argument("--metric", default=None, help="FIP output metric (default: FIP's)")
+    p.add_argument("--damping", type=float, default=None)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--holdout-fraction", type=float, default=None)
+    p.add_argument("--drift-budget", type=float, default=None)
+    p.add_argument("--correction", type=float, default=None)
+    p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
+    p.add_argument("--noise", type=float, default=0.3, help="fip-noise: anchor pixel noise std")
+    p.add_argument("--penalty-lr", type=float, default=0.05, help="penalty mode: step length")
+    p.add_argument("--beta", type=float, default=10.0)
+    p.add_argument(
+        "--methods",
+        default="finetune,fip,fip-noise,penalty",
+        help="comma-separated subset of finetune, fip, fip-noise, penalty",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default="fip_two_task.json", help="output file ('' for none)")
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+
+    torch.manual_seed(args.seed)
+    ds = mnist_subset()
+    old_tr, new_tr = ds.y_train < 5, ds.y_train >= 5
+    old_te, new_te = ds.y_test < 5, ds.y_test >= 5
+    xa, ya = ds.x_train[old_tr], ds.y_train[old_tr]
+    xb, yb = ds.x_train[new_tr], ds.y_train[new_tr]
+    anchors = torch.cat([xa[ya == c][: args.anchors_per_class] for c in range(5)])
+
+    net_a = mlp()
+    train_task_a(net_a, xa, ya, epochs=args.epochs_a, seed=args.seed)
+
+    def evaluate(net):
+        return {
+            "old": accuracy(net, ds.x_test[old_te], ds.y_test[old_te]),
+            "new": accuracy(net, ds.x_test[new_te], ds.y_test[new_te]),
+        }
+
+    def fip_options(noise: bool) -> dict:
+        options = {"lr": args.lr, "momentum": args.momentum}
+        for key in ("metric", "damping", "holdout_fraction", "drift_budget", "correction"):
+            if getattr(args, key) is not None:
+                options["output_metric" if key == "metric" else key] = getattr(args, key)
+        if noise:
+            options["anchor_transform"] = jitter(args.shift, args.noise)
+        return options
+
+    results = {"config": vars(args), "before": evaluate(net_a)}
+    for method in methods:
+        net = copy.deepcopy(net_a)
+        t0 = time.perf_counter()
+        if method == "finetune":
+            opt = torch.optim.SGD(net.parameters(), lr=args.ft_lr)
+        elif method in ("fip", "fip-noise"):
+            opt = FIP(
+                net.parameters(),
+                model=net,
+                anchor_inputs=anchors,
+                **fip_options(method == "fip-noise"),
+            )
+        elif method == "penalty":
+            opt = FIP(
+                net.parameters(),
+                model=net,
+                anchor_inputs=anchors,
+                mode="penalty",
+                lr=args.penalty_lr,
+                beta=args.beta,
+            )
+        else:
+            raise SystemExit(f"unknown method {method!r}")
+        secs, shrunk = run_task_b(
+            net, opt, xb, yb, steps=args.steps, batch=args.batch, seed=args.seed + 1
+        )
+        row = {
+            **evaluate(net),
+            "seconds": time.perf_counter() - t0,
+            "step_seconds": secs / args.steps,
+        }
+        if isinstance(opt, FIP):
+            info = opt.last_info[0]
+            row.update(
+                holdout_drift=info.drift.divergence,
+                holdout_agreement=info.drift.agreement,
+                shrunk_steps=shrunk,
+            )
+        results[method] = row
+
+    print(f"before task B: old {results['before']['old']:.1f}%  ({args.steps} task-B steps each)")
+    for method in methods:
+        r = results[method]
+        print(
+            f"{method:>10}: old {r['old']:5.1f}%  new {r['new']:5.1f}%  "
+            f"({r['step_seconds'] * 1e3:.1f} ms/step)"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

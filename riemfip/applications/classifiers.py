@@ -1,0 +1,197 @@
+"""Small MNIST classifiers, the minibatch stream that trains them, and their accuracy.
+
+The sparsification and robust-ensemble applications compare methods at an
+equal number of optimizer steps; :func:`minibatches` is the one place a step's
+batch comes from, so every method sees the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "mlp",
+    "lenet_300_100",
+    "minibatches",
+    "train_classifier",
+    "predict_proba",
+    "accuracy",
+]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+#: What the applications accept as a classifier: a module, a callable
+#: ``x -> logits``, or a sequence of them (an ensemble, averaged in softmax space).
+Classifier = nn.Module | Callable[[torch.Tensor], torch.Tensor] | Sequence
+
+
+def mlp(sizes: Sequence[int], *, activation: str = "relu") -> nn.Sequential:
+    """A fully connected network ``sizes[0] -> ... -> sizes[-1]`` (logits out).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Layer widths, input first; at least two, all positive.
+    activation : {"relu", "tanh"}
+
+    Examples
+    --------
+    >>> mlp([784, 100, 100, 10])[0]
+    Linear(in_features=784, out_features=100, bias=True)
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must hold at least two positive widths, got {sizes}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def lenet_300_100() -> nn.Sequential:
+    """LeNet-300-100 (LeCun et al. 1998; Han et al. 2015): 784-300-100-10, ReLU, 266,610 weights."""
+    return mlp([784, 300, 100, 10])
+
+
+def minibatches(
+    n: int, batch_size: int, steps: int, *, seed: int = 0, device=None
+) -> Iterator[torch.Tensor]:
+    """Index tensors for ``steps`` minibatches: epoch after epoch of a seeded permutation.
+
+    Parameters
+    ----------
+    n : int
+        Dataset size.
+    batch_size : int
+        Batch size (the last batch of an epoch may be smaller).
+    steps : int
+        Number of batches to yield.
+    seed : int
+        The same seed gives the same batches in the same order.
+    device : optional
+        Device of the index tensors.
+    """
+    if n < 1 or batch_size < 1 or steps < 0:
+        raise ValueError(
+            f"need n >= 1, batch_size >= 1, steps >= 0; got n={n}, "
+            f"batch_size={batch_size}, steps={steps}"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            if done == steps:
+                return
+            yield perm[i : i + batch_size].to(device)
+            done += 1
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError("inputs and labels must be tensors")
+    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(
+            f"expected inputs (N, ...) and labels (N,) with N > 0, got {tuple(x.shape)} "
+            f"and {tuple(y.shape)}"
+        )
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"labels must be integer class indices, got {y.dtype}")
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> nn.Module:
+    """Train ``model`` in place with Adam on cross-entropy for ``steps`` minibatch steps.
+
+    A module pruned with :mod:`torch.nn.utils.prune` stays pruned: its forward
+    multiplies ``weight_orig`` by the mask, so masked weights stay zero.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Returns logits.
+    x, y : torch.Tensor
+        Inputs ``(N, ...)`` and integer labels ``(N,)``.
+    steps : int
+        Optimizer steps (an epoch is ``ceil(N / batch_size)`` steps).
+    lr, batch_size, seed : optional
+        Adam learning rate, batch size, and the seed of :func:`minibatches`.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model``, trained, in train mode.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_data(x, y)
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = minibatches(len(x), batch_size, steps, seed=seed, device=x.device)
+    for idx in tqdm(batches, total=steps, disable=not progress, desc="train", leave=False):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model
+
+
+def _members(classifier: Classifier) -> list:
+    members = list(classifier) if isinstance(classifier, (list, tuple)) else [classifier]
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    for m in members:
+        if not callable(m):
+            raise TypeError(f"ensemble members must be callable, got {type(m).__name__}")
+    return members
+
+
+def predict_proba(classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
+    """Class probabilities: the softmax of one model, or the mean softmax of an ensemble.
+
+    Parameters
+    ----------
+    classifier : module, callable ``x -> logits``, or sequence of them
+        Modules are evaluated in eval mode (their flags are restored).
+    x : torch.Tensor
+        Inputs; gradients flow through (attacks differentiate this).
+    """
+    probs = None
+    for m in _members(classifier):
+        was = m.training if isinstance(m, nn.Module) else None
+        if was:
+            m.eval()
+        try:
+            p = torch.softmax(m(x), dim=-1)
+        finally:
+            if was:
+                m.train()
+        probs = p if probs is None else probs + p
+    return probs / len(_members(classifier))
+
+
+@torch.no_grad()
+def accuracy(classifier: Classifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``x`` whose most probable class (mean softmax for ensembles) is ``y``."""
+    _check_data(x, y)
+    return float((predict_proba(classifier, x).argmax(-1) == y).float().mean())

@@ -1,0 +1,658 @@
+r"""Adversarial robustness of ensembles: independent networks vs networks sampled along a FIP.
+
+Three classifiers of the same architecture are compared under white-box L∞
+attacks (:mod:`riemfip.applications.attacks`) on the ensemble's mean softmax:
+
+``"single"``
+    One trained network.
+``"independent"``
+    ``size`` networks trained from different seeds (the first is ``"single"``).
+``"fip"``
+    ``"single"`` and ``size - 1`` networks sampled along a functionally
+    invariant path that starts at it (:func:`fip_ensemble`): the path keeps the
+    outputs on clean training inputs (the anchor) near ``"single"``'s and spends
+    its freedom on :func:`diversification_loss`, being right where the ensemble
+    built so far is fooled by PGD (``"adversarial_ce"``, default) or merely
+    moving away from its wrong answers (``"disagree"``).
+
+Note that the FIP ensemble sees adversarial examples during its path and the
+independent ensemble does not: the comparison is the one the issue asks for
+(equal size, equal attack), not a comparison with adversarial training.
+
+The record (:class:`RobustnessResult`) holds clean, FGSM and PGD accuracy of
+each at every ε, with every attack's ε, steps, step size and random start.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attacks import AttackConfig, pgd, robust_accuracy
+from .classifiers import (
+    Classifier,
+    _check_data,
+    _members,
+    accuracy,
+    minibatches,
+    predict_proba,
+    train_classifier,
+)
+
+__all__ = [
+    "independent_ensemble",
+    "diversification_loss",
+    "fip_ensemble",
+    "default_attacks",
+    "RobustnessRow",
+    "RobustnessResult",
+    "evaluate_robustness",
+    "compare_ensembles",
+]
+
+
+def independent_ensemble(
+    make_model: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    size: int,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[nn.Module]:
+    """``size`` networks, member ``i`` initialised with ``torch.manual_seed(seed + i)``
+    and trained on its own minibatch order (seed ``seed + i``).
+
+    Parameters
+    ----------
+    make_model : callable
+        ``() -> nn.Module``, a fresh untrained network (initialised from the global RNG).
+    x, y : torch.Tensor
+        Training inputs and labels.
+    size : int
+        Number of members (>= 1).
+    steps, lr, batch_size
+        As for :func:`~riemfip.applications.classifiers.train_classifier`.
+    """
+    if not callable(make_model):
+        raise TypeError(f"make_model must be callable, got {type(make_model).__name__}")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    _check_data(x, y)
+    members = []
+    for i in tqdm(range(size), disable=not progress, desc="independent ensemble", leave=False):
+        torch.manual_seed(seed + i)
+        net = make_model().to(device=x.device, dtype=x.dtype)
+        members.append(
+            train_classifier(
+                net, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed + i
+            ).eval()
+        )
+    return members
+
+
+OBJECTIVES = ("adversarial_ce", "disagree")
+_DEFAULT_FIP_OPTIONS = {"mode": "natural"}
+
+
+def diversification_loss(
+    model: nn.Module,
+    members: Sequence[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    objective: str = "adversarial_ce",
+    eps: float = 0.1,
+    attack_steps: int = 5,
+    seed: int = 0,
+) -> torch.Tensor:
+    r"""Secondary objective of a FIP ensemble on one batch: be right where ``members`` are fooled.
+
+    Adversarial inputs :math:`x'` are crafted by PGD (``attack_steps`` steps of
+    ``eps / 4``, random start) against the mean softmax of ``members`` (the
+    ensemble built so far), then
+
+    ``"adversarial_ce"``
+        :math:`\frac1B\sum_b -\log p_w(y_b \mid x'_b)`: the new member classifies
+        the previous members' adversarial examples correctly;
+    ``"disagree"``
+        :math:`\frac1B\sum_{b:\,\hat y_b \ne y_b} -\log(1 - p_w(\hat y_b \mid x'_b))`,
+        :math:`\hat y` the members' (wrong) prediction: the new member only moves
+        away from the members' mistakes, without being told the label.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network on the path (differentiated).
+    members : sequence of torch.nn.Module
+        The ensemble so far (attacked, not differentiated).
+    x, y : torch.Tensor
+        Clean training batch in [0, 1] and labels.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    adv = pgd(list(members), x, y, eps, steps=attack_steps, step_size=eps / 4, seed=seed)
+    logp = torch.log_softmax(model(adv), dim=-1)
+    if objective == "adversarial_ce":
+        return nn.functional.nll_loss(logp, y)
+    with torch.no_grad():
+        y_hat = predict_proba(list(members), adv).argmax(-1)
+    p_hat = logp.gather(-1, y_hat.unsqueeze(-1)).squeeze(-1).exp()
+    away = -torch.log1p(-p_hat.clamp(max=1 - 1e-6))
+    return (away * (y_hat != y)).sum() / len(y)
+
+
+def fip_ensemble(
+    start: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    size: int,
+    steps_per_member: int,
+    objective: str = "adversarial_ce",
+    eps: float = 0.1,
+    attack_steps: int = 5,
+    anchor_size: int = 256,
+    lr: float = 0.1,
+    batch_size: int = 64,
+    seed: int = 0,
+    fip_options: dict | None = None,
+    progress: bool = False,
+) -> tuple[list[nn.Module], dict]:
+    """An ensemble of ``start`` and ``size - 1`` networks sampled along one FIP.
+
+    The path starts at a copy of ``start``; :class:`riemfip.optim.FIP` keeps its
+    outputs on ``anchor_size`` clean training inputs (a seeded random choice)
+    where ``start`` had them, while it descends :func:`diversification_loss`
+    against the members sampled so far. Every ``steps_per_member`` steps the
+    current network is copied into the ensemble.
+
+    Parameters
+    ----------
+    start : torch.nn.Module
+        A trained network (left untouched; member 0).
+    x, y : torch.Tensor
+        Clean training inputs in [0, 1] and labels.
+    size : int
+        Ensemble size (>= 1).
+    steps_per_member : int
+        Path steps between samples; the path has ``(size - 1) * steps_per_member`` steps.
+    objective, eps, attack_steps
+        See :func:`diversification_loss`.
+    anchor_size : int
+        Clean inputs whose outputs the path keeps.
+    lr : float
+        FIP learning rate (penalty mode: the Euclidean step length).
+    batch_size, seed
+        Minibatches of the secondary objective.
+    fip_options : dict, optional
+        Keyword arguments of :class:`riemfip.optim.FIP`; default
+        ``{"mode": "natural"}`` (natural-gradient steps under the anchor's pullback
+        metric). On the MNIST benchmark it beat the authors' penalty mode
+        (``{"mode": "penalty", "beta": 1.0}``: PGD ε 0.1 41.6% vs 20.6%) and kept
+        every member's clean accuracy, at about 3× the path's wall time.
+
+    Returns
+    -------
+    members : list of torch.nn.Module
+        ``size`` networks in eval mode, ``start``'s copy first.
+    diagnostics : dict
+        ``path_steps``, and per sampled member its anchor drift (mean divergence,
+        arg-max agreement) and the secondary loss at the sample.
+    """
+    from riemfip.optim import FIP
+
+    if not isinstance(start, nn.Module):
+        raise TypeError(f"start must be a torch.nn.Module, got {type(start).__name__}")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if not isinstance(steps_per_member, int) or steps_per_member < 1:
+        raise ValueError(f"steps_per_member must be a positive integer, got {steps_per_member!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    _check_data(x, y)
+    if not isinstance(anchor_size, int) or not (2 <= anchor_size <= len(x)):
+        raise ValueError(f"anchor_size must be an integer in [2, {len(x)}], got {anchor_size!r}")
+    members = [copy.deepcopy(start).eval()]
+    net = copy.deepcopy(start)
+    gen = torch.Generator().manual_seed(int(seed))
+    anchor = x[torch.randperm(len(x), generator=gen)[:anchor_size].to(x.device)]
+    options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
+    opt = FIP(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
+    total = (size - 1) * steps_per_member
+    diagnostics: dict = {"path_steps": total, "members": []}
+    batches = minibatches(len(x), batch_size, total, seed=seed + 1, device=x.device)
+    for k, idx in enumerate(
+        tqdm(batches, total=total, disable=not progress, desc="FIP ensemble", leave=False)
+    ):
+        loss = diversification_loss(
+            net,
+            members,
+            x[idx],
+            y[idx],
+            objective=objective,
+            eps=eps,
+            attack_steps=attack_steps,
+            seed=seed + k,
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (k + 1) % steps_per_member == 0:
+            members.append(copy.deepcopy(net).eval())
+            drift = opt.anchor_drift()
+            diagnostics["members"].append(
+                {
+                    "step": k + 1,
+                    "secondary_loss": float(loss.detach()),
+                    "drift_divergence": drift.divergence,
+                    "drift_agreement": drift.agreement,
+                }
+            )
+    opt.zero_grad()
+    return members, diagnostics
+
+
+def default_attacks(
+    eps: Sequence[float] = (0.05, 0.1, 0.15, 0.2),
+    *,
+    pgd_steps: int = 20,
+    random_start: bool = True,
+    seed: int = 0,
+) -> list[AttackConfig]:
+    """Clean, then FGSM and PGD (``pgd_steps`` steps of ``eps / 10``) at every ε.
+
+    At ε = 0.1 this is the calibration setting: PGD 20 steps of 0.01 from a
+    random start, FGSM 0.1.
+    """
+    configs = [AttackConfig.clean()]
+    for e in eps:
+        configs.append(AttackConfig.fgsm(e))
+        configs.append(AttackConfig.pgd(e, steps=pgd_steps, random_start=random_start, seed=seed))
+    return configs
+
+
+@dataclass
+class RobustnessRow:
+    """Accuracy of one classifier under one attack.
+
+    Attributes
+    ----------
+    model : str
+        ``"single"``, ``"independent"``, ``"fip"``, ...
+    size : int
+        Ensemble size (1 for a single network).
+    attack : dict
+        :meth:`AttackConfig.to_dict`: name, eps, steps, step_size, random_start, seed.
+    accuracy : float
+    """
+
+    model: str
+    size: int
+    attack: dict
+    accuracy: float
+
+
+@dataclass
+class RobustnessResult:
+    """Clean and adversarial accuracy of several classifiers.
+
+    Attributes
+    ----------
+    rows : list of RobustnessRow
+    config : dict
+        Architecture, data, training budgets, FIP settings, seeds.
+    diagnostics : dict
+        Per-model extras (e.g. FIP drift, member accuracies).
+    """
+
+    rows: list[RobustnessRow] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(r.model for r in self.rows))
+
+    def accuracy(self, model: str, attack: str, eps: float = 0.0) -> float:
+        """Accuracy of ``model`` under ``attack`` (``"clean"``, ``"fgsm"``, ``"pgd"``) at ``eps``."""
+        for r in self.rows:
+            if (
+                r.model == model
+                and r.attack["name"] == attack
+                and (attack == "clean" or math.isclose(r.attack["eps"], eps))
+            ):
+                return r.accuracy
+        raise KeyError(f"no row for {model!r} under {attack!r} at eps {eps}")
+
+    def to_dict(self) -> dict:
+        return {
+            "application": "robust_ensemble",
+            "config": self.config,
+            "diagnostics": self.diagnostics,
+            "rows": [
+                {"model": r.model, "size": r.size, "attack": r.attack, "accuracy": r.accuracy}
+                for r in self.rows
+            ],
+        }
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as indented JSON; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> RobustnessResult:
+        data = json.loads(Path(path).read_text())
+        if data.get("application") != "robust_ensemble":
+            raise ValueError(f"{path} is not a robust_ensemble record")
+        rows = [RobustnessRow(**r) for r in data["rows"]]
+        return cls(rows, data["config"], data.get("diagnostics", {}))
+
+    def table(self) -> str:
+        """Accuracy (%) by model (rows) and attack (columns)."""
+        attacks = list(dict.fromkeys((r.attack["name"], r.attack["eps"]) for r in self.rows))
+        head = f"{'model':<14}{'size':>5}" + "".join(
+            f"{'clean' if a == 'clean' else f'{a} {e:g}':>12}" for a, e in attacks
+        )
+        lines = [head]
+        for m in self.models():
+            size = next(r.size for r in self.rows if r.model == m)
+            cells = []
+            for a, e in attacks:
+                try:
+                    cells.append(f"{100 * self.accuracy(m, a, e):>12.1f}")
+                except KeyError:
+                    cells.append(f"{'-':>12}")
+            lines.append(f"{m:<14}{size:>5}" + "".join(cells))
+        return "\n".join(lines)
+
+    def plot(self, path: str | Path) -> Path:
+        """PNG of accuracy against ε, one panel per attack (FGSM, PGD), one line per model."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [a for a in ("fgsm", "pgd") if any(r.attack["name"] == a for r in self.rows)]
+        ncols = max(len(names), 1)
+        fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
+        axes = list(axes[0])
+        for ax, name in zip(axes, names, strict=False):
+            for m in self.models():
+                pts = sorted(
+                    (r.attack["eps"], r.accuracy)
+                    for r in self.rows
+                    if r.model == m and r.attack["name"] == name
+                )
+                try:
+                    pts = [(0.0, self.accuracy(m, "clean"))] + pts
+                except KeyError:
+                    pass
+                size = next(r.size for r in self.rows if r.model == m)
+                ax.plot(
+                    [e for e, _ in pts],
+                    [100 * a for _, a in pts],
+                    marker="o",
+                    label=f"{m} (n={size})",
+                )
+            example = next(r.attack for r in self.rows if r.attack["name"] == name)
+            detail = (
+                f"{example['steps']} steps of eps/10, "
+                f"{'random start' if example['random_start'] else 'no random start'}"
+                if name == "pgd"
+                else "one step of eps"
+            )
+            ax.set_title(f"{name.upper()} (L∞, white-box, mean softmax): {detail}", fontsize=9)
+            ax.set_xlabel("ε (pixels in [0, 1])")
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def evaluate_robustness(
+    classifiers: dict[str, Classifier],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[AttackConfig],
+    *,
+    progress: bool = False,
+) -> list[RobustnessRow]:
+    """Accuracy of every classifier (a model or an ensemble) under every attack.
+
+    Parameters
+    ----------
+    classifiers : dict
+        ``name -> model, callable or list of models``.
+    x, y : torch.Tensor
+        Test inputs in [0, 1] and labels.
+    attacks : sequence of AttackConfig
+    """
+    if not isinstance(classifiers, dict) or not classifiers:
+        raise ValueError("classifiers must be a non-empty dict name -> model or ensemble")
+    attacks = list(attacks)
+    if not attacks:
+        raise ValueError("attacks must hold at least one AttackConfig")
+    for a in attacks:
+        if not isinstance(a, AttackConfig):
+            raise TypeError(f"attacks must be AttackConfig objects, got {type(a).__name__}")
+    rows = []
+    jobs = [(name, clf, a) for name, clf in classifiers.items() for a in attacks]
+    for name, clf, a in tqdm(jobs, disable=not progress, desc="attacks", leave=False):
+        size = len(_members(clf))
+        rows.append(RobustnessRow(name, size, a.to_dict(), robust_accuracy(clf, x, y, a)))
+    return rows
+
+
+_FIP_SETTINGS = (
+    "objective",
+    "eps",
+    "attack_steps",
+    "anchor_size",
+    "lr",
+    "fip_options",
+)
+
+
+def _fip_settings(settings: dict | None) -> dict:
+    """The :func:`fip_ensemble` settings in effect: defaults updated by ``settings``."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(_FIP_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown fip_settings {unknown}; expected some of {_FIP_SETTINGS}")
+    params = inspect.signature(fip_ensemble).parameters
+    out = {k: params[k].default for k in _FIP_SETTINGS}
+    out.update(settings)
+    if out["fip_options"] is None:
+        out["fip_options"] = dict(_DEFAULT_FIP_OPTIONS)
+    return out
+
+
+def _members_cached(
+    path: Path | None, make_model, key: dict, build
+) -> tuple[list[nn.Module], dict]:
+    """``build() -> (members, diagnostics)``, or what was saved at ``path`` by a build
+    with the same ``key``."""
+    key = json.loads(json.dumps(key))
+    if path is not None and path.is_file():
+        saved = torch.load(path)
+        if saved.get("key") == key:
+            members = []
+            for state in saved["states"]:
+                net = make_model()
+                net.load_state_dict(state)
+                members.append(net.eval())
+            return members, saved.get("diagnostics", {})
+    members, diagnostics = build()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "key": key,
+                "states": [m.state_dict() for m in members],
+                "diagnostics": diagnostics,
+            },
+            path,
+        )
+    return members, diagnostics
+
+
+def compare_ensembles(
+    make_model: Callable[[], nn.Module],
+    data,
+    *,
+    size: int,
+    train_steps: int,
+    steps_per_member: int,
+    attacks: Sequence[AttackConfig],
+    fip_settings: dict | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    config: dict | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = False,
+) -> RobustnessResult:
+    """Single network vs independent ensemble vs FIP ensemble, under ``attacks``.
+
+    Parameters
+    ----------
+    make_model : callable
+        ``() -> nn.Module``, a fresh network.
+    data : riemfip.data.Dataset
+        Training data (members, FIP anchor and secondary objective) and test
+        data (every reported accuracy), pixels in [0, 1].
+    size : int
+        Ensemble size, the same for both ensembles.
+    train_steps : int
+        Adam steps for each independently trained network (member 0 of both
+        ensembles is the same network, the ``"single"`` one).
+    steps_per_member : int
+        FIP path steps between sampled members (see :func:`fip_ensemble`).
+    attacks : sequence of AttackConfig
+        E.g. :func:`default_attacks`.
+    fip_settings : dict, optional
+        Keyword arguments of :func:`fip_ensemble` (``objective``, ``eps``,
+        ``attack_steps``, ``anchor_size``, ``lr``, ``fip_options``); the record's
+        config holds the values used, defaults included.
+    checkpoint_dir : path, optional
+        Trained members are saved there (``independent.pt``, ``fip.pt``) with the
+        settings that built them, and reused by a rerun with the same settings.
+
+    Returns
+    -------
+    RobustnessResult
+        Rows for ``"single"``, ``"independent"`` and ``"fip"``; diagnostics with
+        each member's clean test accuracy, FIP drift and wall times.
+    """
+    if not hasattr(data, "x_train") or not hasattr(data, "x_test"):
+        raise TypeError(f"data must be a riemfip.data.Dataset, got {type(data).__name__}")
+    settings = _fip_settings(fip_settings)
+    attacks = list(attacks)
+    ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
+    seconds: dict = {}
+
+    t0 = time.perf_counter()
+    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
+    independent, _ = _members_cached(
+        ckpt and ckpt / "independent.pt",
+        make_model,
+        train_key,
+        lambda: (
+            independent_ensemble(
+                make_model,
+                data.x_train,
+                data.y_train,
+                size=size,
+                steps=train_steps,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                progress=progress,
+            ),
+            {},
+        ),
+    )
+    seconds["independent"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+
+    def build_fip():
+        return fip_ensemble(
+            independent[0],
+            data.x_train,
+            data.y_train,
+            size=size,
+            steps_per_member=steps_per_member,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            **settings,
+        )
+
+    fip_key = {**train_key, "steps_per_member": steps_per_member, **settings}
+    fip_members, fip_diag = _members_cached(
+        ckpt and ckpt / "fip.pt", make_model, fip_key, build_fip
+    )
+    seconds["fip_path"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rows = evaluate_robustness(
+        {"single": independent[0], "independent": independent, "fip": fip_members},
+        data.x_test,
+        data.y_test,
+        attacks,
+        progress=progress,
+    )
+    seconds["attacks"] = time.perf_counter() - t0
+    cfg = {
+        "size": size,
+        "member_training": {
+            "optimizer": "adam",
+            "lr": lr,
+            "steps": train_steps,
+            "batch_size": batch_size,
+            "seeds": [seed + i for i in range(size)],
+        },
+        "fip": {
+            "steps_per_member": steps_per_member,
+            "path_steps": (size - 1) * steps_per_member,
+            "training_steps_total": train_steps + (size - 1) * steps_per_member,
+            **settings,
+        },
+        "independent_training_steps_total": size * train_steps,
+        "attacks": [a.to_dict() for a in attacks],
+        "threat_model": "white-box L-inf on the ensemble's mean softmax, inputs clipped to [0, 1]",
+        "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
+        "seed": seed,
+        **(config or {}),
+    }
+    diagnostics = {
+        "member_clean_accuracy": {
+            "independent": [accuracy(m, data.x_test, data.y_test) for m in independent],
+            "fip": [accuracy(m, data.x_test, data.y_test) for m in fip_members],
+        },
+        "fip_path": fip_diag,
+        "seconds": seconds,
+    }
+    return RobustnessResult(rows, cfg, diagnostics)
