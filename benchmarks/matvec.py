@@ -272,6 +272,13 @@ def machine_info(threads: int, clock: str) -> dict:
         "torch": torch.__version__,
         "torch_threads": threads,
         "clock": clock,
+        # allocator and threading settings that change these figures (see README)
+        "environment": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith(("MALLOC_", "OMP_", "MKL_"))
+            or k in ("THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
+        },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
