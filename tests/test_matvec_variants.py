@@ -81,8 +81,9 @@ def _module_fn(module: nn.Module, x: torch.Tensor):
 
 def _mlp() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh())
-    net.append(nn.Linear(4, 3))
+    # In-place ReLU on the dual number the first layer returns; Dropout is off in eval mode.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Dropout(0.5))
+    net.extend([nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)])
     return net.to(DTYPE).eval(), _randn(7, 2, 3, seed=1)
 
 
