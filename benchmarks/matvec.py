@@ -54,6 +54,7 @@ Usage::
     python benchmarks/matvec.py [--repeats N] [--vgg-repeats M] [--out FILE]
         [--models mlp,vgg11] [--metrics euclidean,fisher] [--threads T]
         [--clock wall|cpu] [--damping L] [--cg-iters K]
+    python benchmarks/matvec.py --summary RESULT.json [RESULT2.json ...]
 """
 
 from __future__ import annotations
@@ -297,10 +298,30 @@ def machine_info(threads: int, clock: str) -> dict:
     return info
 
 
+def summary(paths: list[Path]) -> str:
+    """A markdown table of median ratios, one column per model and output metric,
+    the runs in ``paths`` side by side as ``a / b``."""
+    runs = [json.loads(Path(p).read_text())["rows"] for p in paths]
+    columns = list(dict.fromkeys((r["model"], r["output_metric"]) for r in runs[0]))
+    names = list(dict.fromkeys(r["row"] for r in runs[0]))
+    ratio = [
+        {(r["model"], r["output_metric"], r["row"]): r["ratio_median"] for r in run} for run in runs
+    ]
+    head = "| row | " + " | ".join(f"{m} {o}" for m, o in columns) + " |"
+    lines = [head, "|---" * (len(columns) + 1) + "|"]
+    for name in names:
+        cells = [
+            " / ".join(f"{r[(m, o, name)]:.2f}" if (m, o, name) in r else "-" for r in ratio)
+            for m, o in columns
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=40, help="repeats for the MLP (40)")
-    parser.add_argument("--vgg-repeats", type=int, default=5, help="repeats for VGG11 (5)")
+    parser.add_argument("--vgg-repeats", type=int, default=3, help="repeats for VGG11 (3)")
     parser.add_argument("--models", default="mlp,vgg11", help="comma list of mlp, vgg11")
     parser.add_argument("--metrics", default="euclidean,fisher", help="comma list")
     parser.add_argument(
@@ -316,7 +337,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--damping", type=float, default=1e-3, help="lambda (1e-3)")
     parser.add_argument("--cg-iters", type=int, default=2, help="CG iterations per timed solve")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output file")
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print a markdown table of the ratios in these result files and exit",
+    )
     args = parser.parse_args(argv)
+    if args.summary:
+        print(summary(args.summary))
+        return {}
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
