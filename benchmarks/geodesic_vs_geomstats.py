@@ -271,7 +271,7 @@ def main(argv=None) -> int:
                     "--repeat",
                     str(args.repeat),
                 ],
-                capture_output=True,
+                stdout=subprocess.PIPE,  # progress lines go to stderr, shown as they come
                 text=True,
                 env=env,
                 check=True,
