@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -132,10 +133,11 @@ def main(argv=None) -> int:
     }
     print("acceleration", report["acceleration"], flush=True)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rpath = relax(metric, w0, w1, args.points, maxiter=args.relax_maxiter)
     report["relax"] = {
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
         "iterations": rpath.iterations,
         "residual": rpath.residual,
         "tol": rpath.tol,
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
 
     ckpt = args.cache / f"shoot_v0_{args.dtype}_{args.anchors}_{args.damping}_{args.steps}.pt"
     v_start = torch.load(ckpt, weights_only=True) if args.resume and ckpt.exists() else rpath.v0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     path = shoot(
         metric,
         w0,
@@ -174,6 +176,8 @@ def main(argv=None) -> int:
     torch.save(path.v0, ckpt)
     report["shoot"] = {
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "load_average_1min": os.getloadavg()[0],
         "seconds_including_relax": time.perf_counter() - t0 + report["relax"]["seconds"],
         "iterations": path.iterations,
         "flows": path.metadata["flows"],

@@ -196,6 +196,34 @@ def riemfip_side(specs: list[dict], repeat: int, steps_list: list[int]) -> list[
     return out
 
 
+def plot(rows: list[dict], file: Path) -> None:
+    """Time and error of exp and log against d, riemfip (each RK4 step count) and geomstats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, op in zip(axes, ("exp", "log"), strict=True):
+        for steps in sorted({r["steps"] for r in rows}):
+            sel = [r for r in rows if r["steps"] == steps]
+            ax.loglog(
+                [r["d"] for r in sel],
+                [r["riemfip"][f"{op}_seconds"] for r in sel],
+                "o-",
+                label=f"riemfip RK4 {steps} steps",
+            )
+        gs_rows = {r["d"]: r["geomstats"] for r in rows if r["geomstats"]}
+        if gs_rows:
+            ds = sorted(gs_rows)
+            ax.loglog(ds, [gs_rows[d][f"{op}_seconds"] for d in ds], "s--k", label="geomstats 2.8")
+        ax.set_xlabel("d")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"{op} (tanh immersion R^d -> R^(2d+4))")
+        ax.legend(fontsize=8)
+    fig.savefig(file, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 4, 8, 16])
@@ -209,8 +237,12 @@ def main(argv=None) -> int:
         "--geomstats-json", type=Path, help="reuse the geomstats rows of an earlier results file"
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "geodesic_vs_geomstats.json")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from --out")
     parser.add_argument("--geomstats-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["rows"], args.out.with_suffix(".png"))
+        return 0
     if args.geomstats_worker:
         geomstats_worker(args.geomstats_worker, args.repeat)
         return 0
@@ -239,7 +271,7 @@ def main(argv=None) -> int:
                     "--repeat",
                     str(args.repeat),
                 ],
-                capture_output=True,
+                stdout=subprocess.PIPE,  # progress lines go to stderr, shown as they come
                 text=True,
                 env=env,
                 check=True,
@@ -256,7 +288,11 @@ def main(argv=None) -> int:
             row["exp_speedup"] = t["exp_seconds"] / o["exp_seconds"]
             row["log_speedup"] = t["log_seconds"] / o["log_seconds"]
         rows.append(row)
-    args.out.write_text(json.dumps({"rows": rows, "note": note, "machine_threads": 1}, indent=2))
+    load = os.getloadavg()[0]
+    args.out.write_text(
+        json.dumps({"rows": rows, "note": note, "threads": 1, "load_average_1min": load}, indent=2)
+    )
+    plot(rows, args.out.with_suffix(".png"))
     print(
         f"{'d':>3} {'rk4':>4} | {'exp s (rf / gs)':>20} | {'exp err (rf / gs)':>20} | {'log s (rf / gs)':>20} "
         f"| {'log err (rf / gs)':>20} | speedup exp, log"

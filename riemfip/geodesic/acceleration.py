@@ -10,9 +10,10 @@ floats, so it cannot be differentiated or batched by :mod:`torch.func`. For smal
     a(w, v) = -\Gamma_w(v, v) = -g^{-1} J^\top D^2F[v, v],
     \qquad g = J^\top J + \lambda I,
 
-with dense linear algebra only, so that the exact Jacobian of the exponential
-map (the variational equation) and the collocation right-hand side over a whole
-mesh come from one transformed call.
+with dense linear algebra only, so that a batch of flows (the dense shooting
+Jacobian, :mod:`riemfip.geodesic.shooting`) and the collocation right-hand side
+and its Jacobian over a whole mesh (:mod:`riemfip.geodesic.collocation`) each come
+from one :func:`torch.func.vmap` call.
 """
 
 from __future__ import annotations
