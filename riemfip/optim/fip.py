@@ -211,7 +211,9 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         :math:`\gamma \in [0, 1]`, the share of the Levenberg–Marquardt pull-back
         toward the frozen anchor outputs taken each step (natural mode).
     beta : float
-        :math:`\beta`, the weight of the summed divergence (penalty mode).
+        :math:`\beta`, the weight of the summed divergence (penalty mode). On 2-task
+        MNIST with 200 anchors and ``lr=0.3``, :math:`\beta = 10` kept the old task
+        and never learnt the new one (0.2%); :math:`\beta = 1` gave 93.0% / 79.4%.
     drift_budget : float, optional
         Largest held-out drift (mean divergence) a step may leave; ``None``: no limit
         (drift is still measured and reported).
@@ -284,13 +286,13 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         *,
         model: nn.Module,
         anchor_inputs: torch.Tensor | Iterable,
-        lr: float = 0.1,
+        lr: float = 0.5,
         mode: str = "natural",
         output_metric: str | OutputMetric | None = None,
         damping: float = 1e-3,
         momentum: float = 0.0,
         correction: float = 1.0,
-        beta: float = 10.0,
+        beta: float = 1.0,
         drift_budget: float | None = None,
         max_backtracks: int = 5,
         holdout_inputs: torch.Tensor | Iterable | None = None,
