@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--drift-budget", type=float, default=None)
     p.add_argument("--correction", type=float, default=None)
     p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
-    p.add_argument("--noise", type=float, default=0.3, help="fip-noise: anchor pixel noise std")
+    p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
     p.add_argument("--penalty-lr", type=float, default=0.3, help="penalty mode: step length")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument(

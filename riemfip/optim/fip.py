@@ -381,6 +381,8 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         params = group["params"]
+        if not params:
+            raise ValueError(f"parameter group {len(self.param_groups) - 1} holds no parameters")
         for i, p in enumerate(params):
             if not p.is_floating_point():
                 raise TypeError(f"parameter {i} has dtype {p.dtype}; FIP needs floating weights")
