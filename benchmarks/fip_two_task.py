@@ -14,10 +14,10 @@ Measured with the defaults (seed 0, 300 task-B steps of batch 64; old-task accur
 ==========  =======  =======  ========
 method      old %    new %    ms/step
 ==========  =======  =======  ========
-finetune      0.0     96.4       1.7
-fip          71.8     94.6     271
-fip-noise    90.8     92.4     335
-penalty      93.0     79.4       7.8
+finetune      0.0     96.4       1.3
+fip          71.8     94.6     222
+fip-noise    91.8     92.2     235
+penalty      93.0     79.4       6.4
 ==========  =======  =======  ========
 
 ``fip`` is natural mode with lr 1.0 on the 200 fit anchors (50 held out);
