@@ -6,6 +6,23 @@ method. FIP's anchor is 50 stored training images per old class (250), without
 labels. Accuracies are 10-way, on the offline subset's test images of each task.
 
 Run ``python benchmarks/fip_two_task.py --help``; prints a table and writes JSON.
+Defaults take about 3-4 minutes on one loaded CPU core.
+
+Measured with the defaults (seed 0, 300 task-B steps of batch 64; old-task accuracy
+96.2% before task B; ms/step on a shared 2-core machine, so only roughly comparable):
+
+==========  =======  =======  ========
+method      old %    new %    ms/step
+==========  =======  =======  ========
+finetune      0.0     96.4       1.3
+fip          71.8     94.6     222
+fip-noise    91.8     92.2     235
+penalty      93.0     79.4       6.4
+==========  =======  =======  ========
+
+``fip`` is natural mode with lr 1.0 on the 200 fit anchors (50 held out);
+``fip-noise`` adds ``anchor_transform=GaussianNoise(0.1)``; ``penalty`` is the
+authors' formulation with normalised steps of length 0.3 and beta 1.
 """
 
 from __future__ import annotations
@@ -107,9 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--drift-budget", type=float, default=None)
     p.add_argument("--correction", type=float, default=None)
     p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
-    p.add_argument("--noise", type=float, default=0.3, help="fip-noise: anchor pixel noise std")
-    p.add_argument("--penalty-lr", type=float, default=0.05, help="penalty mode: step length")
-    p.add_argument("--beta", type=float, default=10.0)
+    p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
+    p.add_argument("--penalty-lr", type=float, default=0.3, help="penalty mode: step length")
+    p.add_argument("--beta", type=float, default=1.0)
     p.add_argument(
         "--methods",
         default="finetune,fip,fip-noise,penalty",

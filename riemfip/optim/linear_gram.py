@@ -73,17 +73,17 @@ class LinearGram:
                 if g is not None:
                     d[c] = g
         m = n * width
-        gram = torch.zeros(m, m, dtype=w.dtype, device=w.device)
+        gram = torch.zeros(n, width, n, width, dtype=w.dtype, device=w.device)
         for (mod, has_w, has_b), d in zip(self.layers, deltas, strict=True):
             rows = d.permute(1, 0, 2).reshape(m, -1)  # (b, c) row order
-            dd = rows @ rows.T
-            factor = torch.zeros(n, n, dtype=w.dtype, device=w.device)
+            dd = (rows @ rows.T).view(n, width, n, width)
             if has_w:
                 a = captured[mod][0][0]
-                factor = factor + a @ a.T
-            if has_b:
-                factor = factor + 1.0
-            gram += dd * factor.repeat_interleave(width, 0).repeat_interleave(width, 1)
+                factor = a @ a.T + 1.0 if has_b else a @ a.T
+                gram += dd * factor[:, None, :, None]
+            else:
+                gram += dd
+        gram = gram.view(m, m)
         return 0.5 * (gram + gram.T), emb.detach().reshape(-1)
 
 

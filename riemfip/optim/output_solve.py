@@ -26,6 +26,10 @@ step solves with the current :math:`J` by preconditioned conjugate gradients
 product over the anchor batch, and the spectrum :math:`JJ^\top = V\Sigma V^\top`
 factored once (:func:`anchor_spectrum`) serves as preconditioner: while
 :math:`J` stays close to the :math:`J` it was factored at, a few iterations suffice.
+On 2-task MNIST (200 anchors x 10 logits, MLP 784-100-100-10) one iteration cost
+~8.5 ms and the spectrum ~8 s, and with steps of length ~1 the preconditioner
+went stale every ~2 steps; groups of ``nn.Linear`` parameters therefore use the
+exact per-step Gram matrix of :mod:`riemfip.optim.linear_gram` instead.
 """
 
 from __future__ import annotations
