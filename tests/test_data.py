@@ -235,3 +235,9 @@ def test_dataset_to_keeps_classes():
     assert moved.classes == (1, 2) and moved.x_train.dtype == torch.float64
     assert moved.y_train.dtype == torch.int64
     assert _toy().labels == (0, 1, 2, 3)
+
+
+def test_mnist_subset_copies_do_not_share_memory():
+    a = mnist_subset()
+    a.x_train.zero_()
+    assert float(mnist_subset().x_train.sum()) > 0

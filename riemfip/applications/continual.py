@@ -46,7 +46,16 @@ from tqdm.auto import tqdm
 
 from riemfip.data import Dataset
 
-from .continual_methods import EWC, ContinualMethod, FineTune, Heads, Joint, Memory, Replay
+from .continual_methods import (
+    EWC,
+    ContinualMethod,
+    FineTune,
+    FIPMethod,
+    Heads,
+    Joint,
+    Memory,
+    Replay,
+)
 
 __all__ = ["METHODS", "ContinualResult", "forgetting", "make_method", "run_continual"]
 
@@ -56,6 +65,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "ewc": EWC,
     "replay": Replay,
     "joint": Joint,
+    "fip": FIPMethod,
 }
 
 _SCENARIOS = ("task", "class")
@@ -290,7 +300,7 @@ def run_continual(
         The tasks, sharing one label space (e.g. :func:`riemfip.data.split_tasks`
         with ``relabel=False``); ``Dataset.classes`` gives each task's head.
     method : str or ContinualMethod
-        ``"finetune"``, ``"ewc"``, ``"replay"``, ``"joint"`` (default hyperparameters;
+        ``"finetune"``, ``"ewc"``, ``"replay"``, ``"joint"``, ``"fip"`` (default hyperparameters;
         see :data:`METHODS`) or a configured instance, e.g. ``EWC(lam=1e3)``.
         The instance's cross-task state is filled in by the run.
     model_fn : callable

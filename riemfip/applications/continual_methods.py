@@ -1,4 +1,4 @@
-"""Continual-learning methods: fine-tuning, EWC, experience replay, joint training.
+"""Continual-learning methods: fine-tuning, EWC, experience replay, joint training, FIP.
 
 Each method is a small object that :func:`riemfip.applications.continual.run_continual`
 drives through the same loop for every task::
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from riemfip.data import Dataset
 __all__ = [
     "EWC",
     "ContinualMethod",
+    "FIPMethod",
     "FineTune",
     "Heads",
     "Joint",
@@ -396,3 +397,59 @@ class EWC(ContinualMethod):
     def load_state_dict(self, state: dict) -> None:
         self.anchors = list(state["anchors"])
         self.fishers = list(state["fishers"])
+
+
+class FIPMethod(ContinualMethod):
+    """Functionally invariant path: learn the new task while the outputs on the memory stay put.
+
+    From task 1 on, each task is trained with :class:`riemfip.optim.FIP`, anchored on
+    the stored inputs of all earlier tasks (the memory, without its labels) at the
+    weights reached after the previous task; the loss is the new task's
+    cross-entropy alone. Task 0 has nothing to keep and is trained with SGD.
+
+    Parameters
+    ----------
+    **options
+        Keyword arguments of :class:`riemfip.optim.FIP` other than ``params``,
+        ``model``, ``anchor_inputs`` and ``lr`` (e.g. ``mode="penalty", beta=10``,
+        ``damping``, ``drift_budget``); recorded in the result as given.
+    """
+
+    name = "fip"
+
+    def __init__(self, **options):
+        reserved = {"params", "model", "anchor_inputs", "lr"} & set(options)
+        if reserved:
+            raise ValueError(f"{sorted(reserved)} are set by the continual run, not by options")
+        super().__init__(momentum=0.0)
+        self.options = dict(options)
+        self._optimizer = None
+
+    def config(self) -> dict:
+        return dict(self.options)
+
+    def optimizer(self, model, lr, t, memory):
+        if t == 0 or len(memory) == 0:
+            self._optimizer = None
+            return torch.optim.SGD(model.parameters(), lr=lr)
+        from riemfip.optim import FIP
+
+        self._optimizer = FIP(
+            model.parameters(), model=model, anchor_inputs=memory.x, lr=lr, **self.options
+        )
+        return self._optimizer
+
+    def diagnostics(self) -> dict:
+        if self._optimizer is None:
+            return {}
+        return _jsonable(self._optimizer.anchor_drift())
+
+
+def _jsonable(obj) -> dict:
+    """A dataclass (e.g. FIP's drift report) as a dict of plain numbers and strings."""
+    out = {}
+    for k, v in asdict(obj).items():
+        if isinstance(v, torch.Tensor):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        out[k] = v
+    return out
