@@ -1,0 +1,553 @@
+r"""FIP: an optimizer that walks a functionally invariant path.
+
+The user's training loop computes a *secondary* objective :math:`L` (a new task,
+a sparsity penalty, ...), calls ``backward()`` and then ``opt.step()``, exactly as
+with :class:`geoopt.optim.RiemannianSGD`. Each step moves a parameter group's
+weights :math:`w` (all its parameters jointly: the metric couples them) so as to
+descend :math:`L` while changing the network's outputs on the *anchor* inputs as
+little as possible, measured from the outputs :math:`y^0` frozen when the
+optimizer was built.
+
+Natural mode (default)
+----------------------
+With embedded anchor outputs :math:`F(w)` (:math:`F_b = N^{-1/2}\phi(f(w;x_b))`),
+:math:`J = \partial F/\partial w` and the pullback metric
+:math:`g = J^\top J + \lambda I`, one step is
+
+.. math::
+
+    w \leftarrow w \;-\; \eta\,\alpha\,\underbrace{\lambda g^{-1}\nabla L}_{d}
+      \;-\; \gamma\, J^\top (JJ^\top + \lambda I)^{-1}\,\big(F(w) - F(w_0)\big),
+
+* :math:`d = \lambda g^{-1}\nabla L` is the Riemannian (natural) gradient, in
+  units where the metric's null space has unit length: it passes the part of
+  :math:`\nabla L` that leaves the anchor outputs alone and damps the part that
+  moves them by :math:`\lambda/(\sigma + \lambda)` (:math:`\sigma` the metric's
+  eigenvalues), so the learning rate :math:`\eta` means what it means for SGD;
+* the second term is a Levenberg–Marquardt step that pulls the outputs back
+  toward the frozen :math:`F(w_0)`, undoing the drift that accumulates because
+  each step's metric is only locally right (:math:`\gamma` = ``correction``);
+* :math:`\alpha \in (0, 1]` is 1 unless the drift budget shrinks the step;
+* the retraction is :math:`R_w(v) = w + v`.
+
+Both solves use the *current* Jacobian (a metric factored once goes stale within
+a few steps and the outputs then drift without bound), in the
+:math:`m`-dimensional output space, by conjugate gradients preconditioned with
+the spectrum of :math:`JJ^\top` stored at the first step and refactored when the
+solves slow down (:mod:`riemfip.optim.output_solve`).
+
+Penalty mode (the authors' formulation)
+---------------------------------------
+Raghavan & Thomson's code descends
+:math:`L + \beta \sum_b D(f(w;x_b), y^0_b)` (a *sum* over anchors of the
+Bhattacharyya distance to a frozen copy of the network) with normalised steps:
+:math:`u = \nabla L + \beta \nabla \sum_b D`, :math:`w \leftarrow w - \eta\, u/\|u\|`.
+
+Drift budget
+------------
+After every candidate step the mean divergence
+:math:`\frac1{N'}\sum_b D(f(w; x'_b), y^0_b)` on *held-out* anchor inputs is
+measured (the output metric's divergence: :math:`\tfrac12\|\Delta y\|^2`, KL, or
+Bhattacharyya). With a ``drift_budget``, a step that exceeds it is halved up to
+``max_backtracks`` times; if it still exceeds it, only the pull-back toward
+:math:`y^0` is taken (when that lowers the drift), else the weights stay put.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import geoopt
+import torch
+from geoopt.optim.mixin import OptimMixin
+from torch import nn
+
+from manifolds.output_metrics import OutputMetric, get_output_metric
+
+from .anchor import Anchor, GroupFunction
+from .output_solve import AnchorSpectrum, anchor_spectrum, embedded_outputs, solve_output_system
+
+__all__ = ["FIP", "FIPStepInfo", "AnchorDrift"]
+
+_MODES = ("natural", "penalty")
+_DEFAULT_METRIC = {"natural": "euclidean", "penalty": "bhattacharyya"}
+
+
+@dataclass(frozen=True)
+class AnchorDrift:
+    """How far the outputs on held-out anchor inputs are from the frozen ones.
+
+    Attributes
+    ----------
+    divergence : float
+        Mean output-metric divergence :math:`D(f(w; x'), y^0)` over held-out anchors.
+    agreement : float
+        Fraction of held-out anchors whose arg-max output is unchanged.
+    """
+
+    divergence: float
+    agreement: float
+
+
+@dataclass(frozen=True)
+class FIPStepInfo:
+    """Diagnostics of one FIP step of one parameter group.
+
+    Attributes
+    ----------
+    step : int
+        Steps taken by this group, this one included.
+    mode : str
+        ``"natural"`` or ``"penalty"``.
+    drift : AnchorDrift
+        Held-out drift after the step.
+    accepted : bool
+        Whether any of the secondary step was taken.
+    shrunk : bool
+        Whether the drift budget shrank or refused the secondary step.
+    scale : float
+        :math:`\\alpha`, the share of the secondary step taken (1, 1/2, ..., or 0).
+    step_norm : float
+        Euclidean length of the weight change.
+    grad_norm : float
+        :math:`\\|\\nabla L\\|`.
+    kept_fraction : float
+        :math:`\\|d\\| / \\|\\nabla L\\|` in natural mode (how much of the gradient
+        leaves the anchor alone); :math:`\\|\\nabla L\\|/\\|u\\|` in penalty mode.
+    fit_residual : float
+        :math:`\\|F(w) - F(w_0)\\|` on the fit anchors before the step (natural mode
+        with a correction; else NaN).
+    rank : int
+        Rank :math:`k` of the stored spectrum (the preconditioner; 0 in penalty mode).
+    solve_iterations : int
+        Preconditioned CG iterations of this step's output-space solve.
+    """
+
+    step: int
+    mode: str
+    drift: AnchorDrift
+    accepted: bool
+    shrunk: bool
+    scale: float
+    step_norm: float
+    grad_norm: float
+    kept_fraction: float
+    fit_residual: float
+    rank: int
+    solve_iterations: int
+
+
+def _check_number(name, value, *, low=None, high=None, low_open=False, allow_none=False):
+    if value is None and allow_none:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    ok = math.isfinite(v)
+    if low is not None:
+        ok = ok and (v > low if low_open else v >= low)
+    if high is not None:
+        ok = ok and v <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        raise ValueError(f"{name} must be a finite number {lo} {hi}".rstrip() + f", got {value}")
+    return v
+
+
+class FIP(OptimMixin, torch.optim.Optimizer):
+    r"""Functionally invariant path optimizer (Raghavan & Thomson, NMI 2024).
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters of ``model`` or dicts defining parameter groups (each group is
+        moved jointly under its own metric; other groups' parameters are held at
+        their current values when it is measured).
+    model : torch.nn.Module
+        The network whose outputs on the anchor are kept (evaluated in eval mode).
+    anchor_inputs : tensor or iterable of batches
+        Inputs on which the outputs must stay put (e.g. stored old-task images;
+        ``(inputs, targets)`` batches are accepted, targets ignored). The outputs
+        on them are frozen at construction.
+    lr : float
+        :math:`\eta`. Natural mode: multiplies :math:`\lambda g^{-1}\nabla L`, which
+        equals :math:`\nabla L` on directions that leave the anchor alone, so an
+        SGD learning rate carries over. Penalty mode: the Euclidean step length.
+    mode : {"natural", "penalty"}
+        See the module docstring.
+    output_metric : {"euclidean", "fisher", "bhattacharyya"} or OutputMetric, optional
+        How anchor outputs are compared (metric, correction and drift). Default
+        ``"euclidean"`` (logits) in natural mode, ``"bhattacharyya"`` in penalty mode.
+    damping : float
+        :math:`\lambda` as a multiple of the anchor metric's mean eigenvalue
+        :math:`\operatorname{tr}(JJ^\top)/m`. Smaller protects the anchor more
+        strictly.
+    momentum : float
+        Heavy-ball momentum on the natural direction (natural mode).
+    correction : float
+        :math:`\gamma \in [0, 1]`, the share of the Levenberg–Marquardt pull-back
+        toward the frozen anchor outputs taken each step (natural mode).
+    beta : float
+        :math:`\beta`, the weight of the summed divergence (penalty mode).
+    drift_budget : float, optional
+        Largest held-out drift (mean divergence) a step may leave; ``None``: no limit
+        (drift is still measured and reported).
+    max_backtracks : int
+        Halvings of a step that exceeds the budget before it is refused.
+    holdout_inputs : tensor or iterable, optional
+        Inputs on which drift is measured; default: ``holdout_fraction`` of
+        ``anchor_inputs``, which the metric then does not use.
+    holdout_fraction : float
+        Share of ``anchor_inputs`` held out when ``holdout_inputs`` is not given
+        (0: measure drift on the fit anchors).
+    solve_tol, solve_maxiter : float, int
+        Relative residual and iteration cap of each step's output-space solve
+        (:func:`~riemfip.optim.output_solve.solve_output_system`).
+    refresh_iterations : int
+        A solve that needs this many iterations marks the stored spectrum stale:
+        it is refactored at the current weights on the next step.
+    refresh_every : int, optional
+        Also refactor every this many steps (``None``: only when stale).
+    rank_rtol, max_rank
+        Eigenpairs with :math:`\sigma \ge` ``rank_rtol`` :math:`\lambda` are kept in
+        the spectrum, at most ``max_rank``
+        (see :func:`~riemfip.optim.output_solve.anchor_spectrum`).
+    stabilize : int, optional
+        geoopt's convention: project :class:`geoopt.ManifoldParameter` points back
+        onto their manifold every this many steps.
+
+    Attributes
+    ----------
+    anchor : Anchor
+        Anchor inputs and frozen outputs.
+    last_info : list of FIPStepInfo
+        Diagnostics of the last step, one per parameter group.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad options; a group holding a tensor that is not one of the model's
+        parameters; anchor inputs that the model cannot take or on which it does
+        not return ``(N, C)`` outputs. :meth:`step` raises when no parameter of a
+        group has a gradient, or a gradient or the closure's loss is NaN/Inf.
+
+    Examples
+    --------
+    >>> opt = FIP(net.parameters(), model=net, anchor_inputs=x_old[:250])  # doctest: +SKIP
+    >>> for x, y in new_task:                                              # doctest: +SKIP
+    ...     opt.zero_grad()
+    ...     torch.nn.functional.cross_entropy(net(x), y).backward()
+    ...     opt.step()
+    ...     print(opt.last_info[0].drift)
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        model: nn.Module,
+        anchor_inputs: torch.Tensor | Iterable,
+        lr: float = 0.1,
+        mode: str = "natural",
+        output_metric: str | OutputMetric | None = None,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        correction: float = 1.0,
+        beta: float = 10.0,
+        drift_budget: float | None = None,
+        max_backtracks: int = 5,
+        holdout_inputs: torch.Tensor | Iterable | None = None,
+        holdout_fraction: float = 0.2,
+        solve_tol: float = 1e-3,
+        solve_maxiter: int = 50,
+        refresh_iterations: int = 20,
+        refresh_every: int | None = None,
+        rank_rtol: float = 1.0,
+        max_rank: int | None = None,
+        stabilize: int | None = None,
+    ):
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        defaults = dict(
+            lr=_check_number("lr", lr, low=0, low_open=True),
+            damping=_check_number("damping", damping, low=0, low_open=True),
+            momentum=_check_number("momentum", momentum, low=0, high=0.999),
+            correction=_check_number("correction", correction, low=0, high=1),
+            beta=_check_number("beta", beta, low=0),
+            drift_budget=_check_number(
+                "drift_budget", drift_budget, low=0, low_open=True, allow_none=True
+            ),
+            max_backtracks=int(_check_number("max_backtracks", max_backtracks, low=0)),
+            refresh_every=None
+            if refresh_every is None
+            else int(_check_number("refresh_every", refresh_every, low=1)),
+            solve_tol=_check_number("solve_tol", solve_tol, low=0, low_open=True),
+            solve_maxiter=int(_check_number("solve_maxiter", solve_maxiter, low=1)),
+            refresh_iterations=int(_check_number("refresh_iterations", refresh_iterations, low=1)),
+            rank_rtol=_check_number("rank_rtol", rank_rtol, low=0),
+            max_rank=None if max_rank is None else int(_check_number("max_rank", max_rank, low=1)),
+        )
+        self.mode = mode
+        self.model = model
+        self.output_metric = get_output_metric(
+            _DEFAULT_METRIC[mode] if output_metric is None else output_metric
+        )
+        self._functions: list[GroupFunction] = []
+        self._spectra: dict[int, AnchorSpectrum] = {}
+        self.last_info: list[FIPStepInfo] = []
+        super().__init__(params, defaults, stabilize=stabilize)
+        self.anchor = Anchor(
+            model,
+            anchor_inputs,
+            holdout_inputs=holdout_inputs,
+            holdout_fraction=holdout_fraction,
+        )
+        self._fit_target = embedded_outputs(self.output_metric, self.anchor.fit_outputs)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (checked to hold parameters of the model, floating, on one device)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        params = group["params"]
+        for i, p in enumerate(params):
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {i} has dtype {p.dtype}; FIP needs floating weights")
+            if p.device != params[0].device or p.dtype != params[0].dtype:
+                raise ValueError(
+                    f"parameter {i} is {p.dtype} on {p.device}, parameter 0 {params[0].dtype} "
+                    f"on {params[0].device}; a group moves as one vector"
+                )
+        self._functions.append(GroupFunction(self.model, params))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """geoopt/torch optimizer state plus the frozen anchor outputs (``"anchor"``)."""
+        out = super().state_dict()
+        out["anchor"] = {
+            "fit_outputs": self.anchor.fit_outputs.clone(),
+            "holdout_outputs": self.anchor.holdout_outputs.clone(),
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore steps, momentum, metric factorization and the frozen anchor outputs.
+
+        The anchor inputs are not stored: build the optimizer with the same
+        ``model`` and ``anchor_inputs`` and then load.
+        """
+        state_dict = dict(state_dict)
+        anchor = state_dict.pop("anchor", None)
+        if anchor is not None:
+            for key in ("fit_outputs", "holdout_outputs"):
+                new = anchor[key]
+                old = getattr(self.anchor, key)
+                if new.shape != old.shape:
+                    raise ValueError(
+                        f"saved anchor {key} have shape {tuple(new.shape)}, this optimizer's "
+                        f"anchor {tuple(old.shape)}: build it with the same anchor_inputs"
+                    )
+                setattr(self.anchor, key, new.to(device=old.device, dtype=old.dtype).clone())
+            self._fit_target = embedded_outputs(self.output_metric, self.anchor.fit_outputs)
+        super().load_state_dict(state_dict)
+        self._spectra.clear()
+
+    # ------------------------------------------------------------------ drift
+    @torch.no_grad()
+    def anchor_drift(self, group: int = 0, w: torch.Tensor | None = None) -> AnchorDrift:
+        """Held-out drift at the current weights (or at flat weights ``w`` of ``group``)."""
+        fn = self._functions[group]
+        if w is None:
+            w = self._flat_weights(self.param_groups[group]["params"])
+        y = fn(w, self.anchor.holdout_inputs)
+        y0 = self.anchor.holdout_outputs
+        div = float(self.output_metric.divergence(y, y0).mean())
+        agree = float((y.argmax(-1) == y0.argmax(-1)).to(torch.float64).mean())
+        return AnchorDrift(div, agree)
+
+    # ------------------------------------------------------------------ step
+    @staticmethod
+    def _flat_weights(params) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in params])
+
+    def _flat_grad(self, gi: int, params) -> torch.Tensor:
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            raise RuntimeError(
+                f"no parameter of group {gi} has a gradient: compute the secondary loss and "
+                "call loss.backward() before opt.step()"
+            )
+        names = self._functions[gi].names
+        flat = []
+        for p, g, name in zip(params, grads, names, strict=True):
+            if g is None:
+                flat.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"FIP does not support sparse gradients ({name})")
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(
+                    f"the gradient of {name} contains NaN or Inf (a NaN or infinite loss?); "
+                    "FIP refuses to step"
+                )
+            flat.append(g.reshape(-1))
+        return torch.cat(flat)
+
+    def _spectrum(self, gi: int, group: dict, w: torch.Tensor, state: dict) -> AnchorSpectrum:
+        every = group["refresh_every"]
+        stale = state.get("stale", False) or (
+            every is not None and state["step"] - state.get("spectrum_step", 0) >= every
+        )
+        if "eigenvectors" in state and not stale:
+            if gi not in self._spectra:
+                self._spectra[gi] = AnchorSpectrum.from_state(state)
+            return self._spectra[gi]
+        # A refresh keeps the damping of the first factorization: one metric per run.
+        first = "damping" not in state
+        spectrum = anchor_spectrum(
+            self._functions[gi],
+            self.output_metric,
+            w,
+            self.anchor.fit_inputs,
+            damping=group["damping"] if first else state["damping"],
+            relative_damping=first,
+            rank_rtol=group["rank_rtol"],
+            max_rank=group["max_rank"],
+        )
+        state.update(spectrum.state())
+        state["spectrum_step"] = state["step"]
+        state["stale"] = False
+        state["refreshes"] = state.get("refreshes", -1) + 1
+        self._spectra[gi] = spectrum
+        return spectrum
+
+    def _penalty_gradient(self, gi: int, w: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            wp = w.detach().requires_grad_(True)
+            y = self._functions[gi](wp, self.anchor.fit_inputs)
+            pen = self.output_metric.divergence(y, self.anchor.fit_outputs).sum()
+            (gp,) = torch.autograd.grad(pen, wp)
+        return gp
+
+    def step(self, closure=None):
+        """One FIP step for every parameter group; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+                raise ValueError(f"the closure's loss is {float(loss)}; FIP refuses to step")
+        with torch.no_grad():
+            self.last_info = [
+                self._step_group(gi, group) for gi, group in enumerate(self.param_groups)
+            ]
+            for group in self.param_groups:
+                st = self.state[group["params"][0]]
+                if group["stabilize"] is not None and st["step"] % group["stabilize"] == 0:
+                    self.stabilize_group(group)
+        return loss
+
+    def _step_group(self, gi: int, group: dict) -> FIPStepInfo:
+        params = group["params"]
+        grad = self._flat_grad(gi, params)
+        w = self._flat_weights(params)
+        state = self.state[params[0]]
+        state.setdefault("step", 0)
+        lr = group["lr"]
+        grad_norm = float(grad.norm())
+        fit_residual = math.nan
+        rank = iterations = 0
+        correction = torch.zeros_like(w)
+        if self.mode == "natural":
+            if group["momentum"] > 0:
+                buf = state.get("momentum_buffer")
+                buf = grad.clone() if buf is None else buf.mul_(group["momentum"]).add_(grad)
+                state["momentum_buffer"] = buf
+                grad = buf
+            spectrum = self._spectrum(gi, group, w, state)
+            rank = spectrum.rank
+            fn, x = self._functions[gi], self.anchor.fit_inputs
+
+            def embed(v):
+                return embedded_outputs(self.output_metric, fn(v, x))
+
+            residual = embed(w) - self._fit_target
+            fit_residual = float(residual.norm())
+            _, jvp_grad = torch.func.jvp(embed, (w,), (grad,))
+            solve = solve_output_system(
+                embed,
+                w,
+                torch.stack([jvp_grad, residual]),
+                spectrum,
+                tol=group["solve_tol"],
+                maxiter=group["solve_maxiter"],
+            )
+            iterations = solve.iterations
+            if iterations >= group["refresh_iterations"]:
+                state["stale"] = True  # the preconditioner no longer fits J: refactor next step
+            direction = grad - solve.pulled_back[0]
+            kept = float(direction.norm()) / grad_norm if grad_norm > 0 else 0.0
+            secondary = -lr * direction
+            correction = -group["correction"] * solve.pulled_back[1]
+        else:
+            u = grad + group["beta"] * self._penalty_gradient(gi, w)
+            unorm = float(u.norm())
+            kept = grad_norm / unorm if unorm > 0 else 0.0
+            secondary = -lr * u / unorm if unorm > 0 else torch.zeros_like(u)
+
+        scale, shrunk = 1.0, False
+        new_w = w + secondary + correction
+        drift = self.anchor_drift(gi, new_w)
+        budget = group["drift_budget"]
+        if budget is not None and drift.divergence > budget:
+            shrunk = True
+            for _ in range(group["max_backtracks"]):
+                scale *= 0.5
+                new_w = w + scale * secondary + correction
+                drift = self.anchor_drift(gi, new_w)
+                if drift.divergence <= budget:
+                    break
+            if drift.divergence > budget:
+                scale = 0.0
+                now = self.anchor_drift(gi, w)
+                new_w = w + correction
+                drift = self.anchor_drift(gi, new_w)
+                if drift.divergence >= now.divergence:
+                    new_w, drift = w, now
+        self._write(params, new_w)
+        state["step"] += 1
+        return FIPStepInfo(
+            step=state["step"],
+            mode=self.mode,
+            drift=drift,
+            accepted=scale > 0,
+            shrunk=shrunk,
+            scale=scale,
+            step_norm=float((new_w - w).norm()),
+            grad_norm=grad_norm,
+            kept_fraction=kept,
+            fit_residual=fit_residual,
+            rank=rank,
+            solve_iterations=iterations,
+        )
+
+    @staticmethod
+    def _write(params, w: torch.Tensor) -> None:
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.copy_(w[offset : offset + n].view_as(p))
+            offset += n
+
+    @torch.no_grad()
+    def stabilize_group(self, group: dict) -> None:
+        """Project :class:`geoopt.ManifoldParameter` points back onto their manifolds."""
+        for p in group["params"]:
+            if isinstance(p, (geoopt.ManifoldParameter, geoopt.ManifoldTensor)):
+                p.copy_(p.manifold.projx(p))

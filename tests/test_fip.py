@@ -1,0 +1,339 @@
+"""Tests of the FIP optimizer on a tiny two-task problem (Gaussian blobs, shared 4-way head).
+
+Task A: classes 0-1; task B: classes 2-3. The network is trained on A, the FIP
+anchor is stored A inputs, and the secondary objective is cross-entropy on B.
+Everything runs in float64 so that comparisons with dense references are tight.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from manifolds import PullbackMetric
+from riemfip.optim import FIP, anchor_spectrum, solve_output_system
+from riemfip.optim.anchor import GroupFunction, holdout_mask
+from riemfip.optim.output_solve import embedded_outputs
+
+DIM, CLASSES = 6, 4
+
+
+def blobs(n_per_class: int, classes, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(123)) * 2.5
+    xs, ys = [], []
+    for c in classes:
+        xs.append(centers[c] + torch.randn(n_per_class, DIM, generator=gen))
+        ys.append(torch.full((n_per_class,), c))
+    return torch.cat(xs).double(), torch.cat(ys)
+
+
+def make_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(DIM, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, CLASSES)
+    ).double()
+
+
+@pytest.fixture(scope="module")
+def task():
+    """A network trained on task A, stored A anchors, held-out A inputs and task-B data."""
+    xa, ya = blobs(100, (0, 1), seed=1)
+    xb, yb = blobs(100, (2, 3), seed=2)
+    net = make_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(xa), ya).backward()
+        opt.step()
+    anchors = torch.cat([xa[:30], xa[100:130]])
+    test_a, _ = blobs(200, (0, 1), seed=3)
+    return {"net": net, "anchors": anchors, "xb": xb, "yb": yb, "test_a": test_a}
+
+
+def new_task_backward(net, task):
+    loss = nn.functional.cross_entropy(net(task["xb"]), task["yb"])
+    loss.backward()
+    return float(loss.detach())
+
+
+def flat(net):
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def held_out_change(net, w0_net, x):
+    """Mean squared change of the logits on ``x``."""
+    with torch.no_grad():
+        return float((net(x) - w0_net(x)).pow(2).sum(1).mean())
+
+
+# --------------------------------------------------------------------- the math
+def test_output_solve_matches_dense_natural_gradient(task):
+    """The per-step direction is lambda g^{-1} grad for the dense metric at the current weights,
+    and the pull-back is J^T (JJ^T + lambda)^{-1} r."""
+    net = copy.deepcopy(task["net"])
+    with torch.no_grad():  # move away from where the spectrum is factored
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = task["anchors"]
+    fn = GroupFunction(net, list(net.parameters()))
+    w = flat(net)
+    for metric_name in ("euclidean", "fisher"):
+        metric = PullbackMetric(lambda v, fn=fn: fn(v, x), output_metric=metric_name)
+        spectrum = anchor_spectrum(fn, metric.output_metric, flat(task["net"]), x, damping=1e-3)
+        jac = metric.jacobian(w)
+        lam = spectrum.damping
+        g = jac.T @ jac + lam * torch.eye(w.numel(), dtype=w.dtype)
+        grad = torch.randn(w.numel(), dtype=w.dtype)
+        r = torch.randn(jac.shape[0], dtype=w.dtype)
+        solve = solve_output_system(
+            lambda v, fn=fn, om=metric.output_metric: embedded_outputs(om, fn(v, x)),
+            w,
+            torch.stack([jac @ grad, r]),
+            spectrum,
+            tol=1e-12,
+            maxiter=500,
+        )
+        direction = grad - solve.pulled_back[0]
+        expected = lam * torch.linalg.solve(g, grad)
+        assert torch.allclose(direction, expected, rtol=1e-6, atol=1e-9 * float(grad.norm()))
+        pull = jac.T @ torch.linalg.solve(jac @ jac.T + lam * torch.eye(len(r), dtype=w.dtype), r)
+        assert torch.allclose(solve.pulled_back[1], pull, rtol=1e-6, atol=1e-9)
+
+
+def test_anchor_spectrum_matches_dense_gram(task):
+    net, x = task["net"], task["anchors"]
+    fn = GroupFunction(net, list(net.parameters()))
+    w = flat(net)
+    metric = PullbackMetric(lambda v: fn(v, x), output_metric="fisher")
+    jac = metric.jacobian(w)
+    dense = torch.linalg.eigvalsh(jac @ jac.T).flip(0)
+    spec = anchor_spectrum(fn, metric.output_metric, w, x, damping=1e-3, rank_rtol=0.0)
+    assert spec.rank == jac.shape[0]
+    assert torch.allclose(spec.eigenvalues, dense.clamp_min(0), atol=1e-10 * float(dense[0]))
+    assert math.isclose(spec.damping, 1e-3 * float(dense.sum()) / jac.shape[0], rel_tol=1e-9)
+
+
+def test_holdout_mask_spreads_evenly():
+    mask = holdout_mask(50, 0.2)
+    assert int(mask.sum()) == 10
+    assert int(mask[:25].sum()) == 5  # class-ordered inputs lose the same share of each half
+
+
+# --------------------------------------------------------------------- defining property
+def test_one_step_moves_held_out_predictions_far_less_than_sgd(task):
+    """A FIP step changes held-out anchor-task outputs < 1/5 as much as an SGD step of the
+    same Euclidean length along the plain gradient."""
+    base = task["net"]
+    net_fip = copy.deepcopy(base)
+    opt = FIP(net_fip.parameters(), model=net_fip, anchor_inputs=task["anchors"])
+    new_task_backward(net_fip, task)
+    grad = torch.cat([p.grad.reshape(-1) for p in net_fip.parameters()])
+    w0 = flat(net_fip)
+    opt.step()
+    length = float((flat(net_fip) - w0).norm())
+    assert length > 0
+
+    net_sgd = copy.deepcopy(base)
+    with torch.no_grad():
+        offset = 0
+        for p in net_sgd.parameters():
+            n = p.numel()
+            p.sub_(length * grad[offset : offset + n].view_as(p) / grad.norm())
+            offset += n
+    fip_change = held_out_change(net_fip, base, task["test_a"])
+    sgd_change = held_out_change(net_sgd, base, task["test_a"])
+    assert fip_change < sgd_change / 5, (fip_change, sgd_change)
+    info = opt.last_info[0]
+    assert info.accepted and not info.shrunk and info.scale == 1.0
+    assert 0 < info.kept_fraction < 1
+
+
+def test_path_learns_new_task_and_keeps_old_outputs(task):
+    """Over 40 steps FIP lowers the new-task loss while held-out old-task predictions stay."""
+    base = task["net"]
+    net = copy.deepcopy(base)
+    opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], lr=0.5)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        losses.append(new_task_backward(net, task))
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+
+    net_sgd = copy.deepcopy(base)
+    sgd = torch.optim.SGD(net_sgd.parameters(), lr=0.5)
+    for _ in range(40):
+        sgd.zero_grad()
+        new_task_backward(net_sgd, task)
+        sgd.step()
+    x = task["test_a"]
+    with torch.no_grad():
+        keep = float((net(x).argmax(1) == base(x).argmax(1)).double().mean())
+        keep_sgd = float((net_sgd(x).argmax(1) == base(x).argmax(1)).double().mean())
+    assert keep >= 0.97, keep
+    assert keep_sgd < 0.6, keep_sgd  # the problem forgets without FIP
+    assert held_out_change(net, base, x) < held_out_change(net_sgd, base, x) / 20
+    assert opt.last_info[0].drift.agreement >= 0.97
+
+
+def test_drift_budget_is_respected(task):
+    budget = 2e-3
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(), model=net, anchor_inputs=task["anchors"], lr=0.5, drift_budget=budget
+    )
+    shrunk = 0
+    for _ in range(25):
+        opt.zero_grad()
+        new_task_backward(net, task)
+        opt.step()
+        info = opt.last_info[0]
+        shrunk += info.shrunk
+        assert info.drift.divergence <= budget
+        assert opt.anchor_drift().divergence == pytest.approx(info.drift.divergence, rel=1e-12)
+    assert shrunk > 0  # the budget was binding, so this test can fail
+
+    free = copy.deepcopy(task["net"])
+    opt = FIP(free.parameters(), model=free, anchor_inputs=task["anchors"], lr=0.5)
+    for _ in range(25):
+        opt.zero_grad()
+        new_task_backward(free, task)
+        opt.step()
+    assert opt.anchor_drift().divergence > budget
+
+
+# --------------------------------------------------------------------- state
+@pytest.mark.parametrize("mode", ["natural", "penalty"])
+def test_state_dict_round_trip_reproduces_next_step(task, mode):
+    net = copy.deepcopy(task["net"])
+    kwargs = dict(model=net, anchor_inputs=task["anchors"], mode=mode)
+    if mode == "natural":
+        kwargs["momentum"] = 0.5
+    opt = FIP(net.parameters(), lr=0.05, **kwargs)
+    for _ in range(3):
+        opt.zero_grad()
+        new_task_backward(net, task)
+        opt.step()
+    saved_state = copy.deepcopy(opt.state_dict())
+    saved_weights = copy.deepcopy(net.state_dict())
+    opt.zero_grad()
+    new_task_backward(net, task)
+    opt.step()
+    expected = flat(net)
+
+    net2 = copy.deepcopy(task["net"])
+    net2.load_state_dict(saved_weights)
+    kwargs["model"] = net2
+    opt2 = FIP(net2.parameters(), lr=0.05, **kwargs)  # anchors re-frozen at the moved weights...
+    opt2.load_state_dict(saved_state)  # ...and restored to the original ones here
+    assert torch.equal(opt2.anchor.holdout_outputs, opt.anchor.holdout_outputs)
+    opt2.zero_grad()
+    new_task_backward(net2, task)
+    opt2.step()
+    assert torch.equal(flat(net2), expected)
+    assert opt2.last_info[0].step == 4
+
+
+# --------------------------------------------------------------------- modes and groups
+def test_penalty_mode_takes_eps_steps_toward_frozen_anchor(task):
+    """Penalty mode: steps of Euclidean length lr; with no secondary objective it descends
+    the summed divergence to the *frozen* anchor outputs (not the live network)."""
+    net = copy.deepcopy(task["net"])
+    with torch.no_grad():
+        net[0].weight.add_(0.3 * torch.randn_like(net[0].weight))
+    opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], mode="penalty", lr=1e-2)
+    with torch.no_grad():
+        net[0].weight.copy_(task["net"][0].weight)  # anchor was frozen at the perturbed weights
+    drift0 = opt.anchor_drift().divergence
+    assert drift0 > 1e-5
+    for _ in range(5):
+        opt.zero_grad()
+        (0.0 * net(task["xb"]).sum()).backward()
+        w = flat(net)
+        opt.step()
+        assert float((flat(net) - w).norm()) == pytest.approx(1e-2, rel=1e-9)
+    assert opt.anchor_drift().divergence < drift0
+    assert opt.output_metric.name == "bhattacharyya"
+
+
+def test_parameter_groups_move_jointly_within_and_separately_across(task):
+    net = copy.deepcopy(task["net"])
+    groups = [
+        {"params": list(net[0].parameters())},
+        {
+            "params": list(net[2].parameters()) + list(net[4].parameters()),
+            "lr": 1e-9,
+            "correction": 0.0,
+        },
+    ]
+    opt = FIP(groups, model=net, anchor_inputs=task["anchors"], lr=0.1)
+    before = [flat(net[i]) for i in (0, 2, 4)]
+    opt.zero_grad()
+    new_task_backward(net, task)
+    opt.step()
+    assert len(opt.last_info) == 2
+    moved = [float((flat(net[i]) - b).norm()) for i, b in zip((0, 2, 4), before, strict=True)]
+    assert moved[0] > 1e5 * max(moved[1], moved[2])  # second group's lr is tiny
+
+
+# --------------------------------------------------------------------- errors
+def test_anchor_of_wrong_shape_is_rejected(task):
+    net = task["net"]
+    with pytest.raises(ValueError, match="anchor_inputs of shape"):
+        FIP(net.parameters(), model=net, anchor_inputs=torch.randn(10, DIM + 1).double())
+    with pytest.raises(ValueError, match="same shape"):
+        FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=[torch.randn(5, DIM).double(), torch.randn(5, 2, 3).double()],
+        )
+    with pytest.raises(ValueError, match="expected a tensor|batch"):
+        FIP(net.parameters(), model=net, anchor_inputs=torch.tensor(1.0))
+
+
+def test_missing_gradients_are_rejected(task):
+    net = copy.deepcopy(task["net"])
+    opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"])
+    with pytest.raises(RuntimeError, match="no parameter of group 0 has a gradient"):
+        opt.step()
+
+
+def test_nan_loss_is_rejected_and_weights_untouched(task):
+    net = copy.deepcopy(task["net"])
+    opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"])
+    w = flat(net)
+    (net(task["xb"]).sum() * float("nan")).backward()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step()
+    assert torch.equal(flat(net), w)
+    with pytest.raises(ValueError, match="closure's loss is nan"):
+        opt.step(lambda: torch.tensor(float("nan")))
+
+
+def test_group_with_foreign_parameter_is_rejected(task):
+    net = task["net"]
+    stranger = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        FIP([stranger], model=net, anchor_inputs=task["anchors"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"mode": "sgd"}, "mode"),
+        ({"drift_budget": 0.0}, "drift_budget"),
+        ({"correction": 2.0}, "correction"),
+        ({"holdout_fraction": 1.0}, "holdout_fraction"),
+        ({"output_metric": "hamming"}, "output metric"),
+    ],
+)
+def test_bad_options_are_rejected(task, kwargs, match):
+    net = task["net"]
+    with pytest.raises(ValueError, match=match):
+        FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], **kwargs)
