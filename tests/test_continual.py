@@ -14,6 +14,7 @@ from riemfip.applications.continual import ContinualResult, forgetting, run_cont
 from riemfip.applications.continual_methods import (
     EWC,
     ContinualMethod,
+    FIPMethod,
     Heads,
     Memory,
     Replay,
@@ -262,3 +263,25 @@ def test_diverging_training_raises_with_advice(tasks):
 
     with pytest.raises(FloatingPointError, match="lower lr"):
         run_continual(tasks, Exploding(), small_mlp, progress=False)
+
+
+def test_fip_keeps_the_old_task_where_fine_tuning_forgets_it(tasks):
+    two = tasks[:2]
+    kw = dict(memory_per_class=10, scenario="class", epochs=5, lr=0.5, seed=0, progress=False)
+    fine = run_continual(two, "finetune", small_mlp, **kw)
+    options = dict(damping=1.0, refresh_iterations=1000, solve_maxiter=40)
+    fip = run_continual(two, FIPMethod(**options), small_mlp, **kw)
+    assert fip.accuracy[0, 0] == fine.accuracy[0, 0]  # task 0 is the same SGD run
+    assert fine.accuracy[1, 0] < 10  # class-incremental fine-tuning forgets task 0 ...
+    assert fip.accuracy[1, 0] > fip.accuracy[0, 0] - 10  # ... FIP keeps it
+    assert fip.accuracy[1, 1] > 70  # and still learns task 1
+    assert fip.method == "fip" and fip.method_config == options
+    assert fip.diagnostics[0] == {}  # task 0: plain SGD, nothing to keep
+    diag = fip.diagnostics[1]
+    assert diag["steps"] == 5 * math.ceil(len(two[1].x_train) / 64)
+    assert 0 < diag["mean_kept_fraction"] < 1 and 0 <= diag["holdout_agreement"] <= 1
+
+
+def test_fip_options_cannot_override_what_the_run_sets():
+    with pytest.raises(ValueError, match="anchor_inputs"):
+        FIPMethod(anchor_inputs=torch.zeros(3, 64))

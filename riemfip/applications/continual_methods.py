@@ -424,11 +424,13 @@ class FIPMethod(ContinualMethod):
         super().__init__(momentum=0.0)
         self.options = dict(options)
         self._optimizer = None
+        self._steps: list = []
 
     def config(self) -> dict:
         return dict(self.options)
 
     def optimizer(self, model, lr, t, memory):
+        self._steps = []
         if t == 0 or len(memory) == 0:
             self._optimizer = None
             return torch.optim.SGD(model.parameters(), lr=lr)
@@ -439,10 +441,25 @@ class FIPMethod(ContinualMethod):
         )
         return self._optimizer
 
+    def after_step(self, model, lr):
+        if self._optimizer is not None:
+            self._steps.append(self._optimizer.last_info[0])
+
     def diagnostics(self) -> dict:
+        """Held-out anchor drift after the task and step statistics of its FIP run."""
         if self._optimizer is None:
             return {}
-        return _jsonable(self._optimizer.anchor_drift())
+        out = {f"holdout_{k}": v for k, v in _jsonable(self._optimizer.anchor_drift()).items()}
+        if self._steps:
+            n = len(self._steps)
+            out |= {
+                "steps": n,
+                "shrunk_steps": sum(bool(s.shrunk) for s in self._steps),
+                "mean_kept_fraction": sum(s.kept_fraction for s in self._steps) / n,
+                "mean_solve_iterations": sum(s.solve_iterations for s in self._steps) / n,
+                "final_rank": self._steps[-1].rank,
+            }
+        return out
 
 
 def _jsonable(obj) -> dict:
