@@ -7,9 +7,14 @@ Runs fine-tuning, EWC, experience replay, joint training and FIP (when
 * **Split-MNIST**: five tasks {0,1}, {2,3}, ..., {8,9};
 
 each in the task-incremental (masked per-task heads) and class-incremental (one
-shared 10-way head) scenario, with an MLP 784-100-100-10, SGD at one learning
-rate for every method, and a memory of ``--memory-per-class`` training images per
-old class (replay trains on them with labels; FIP anchors its metric on them).
+shared 10-way head) scenario, with an MLP 784-100-100-10, the same number of
+steps for every method, and a memory of ``--memory-per-class`` training images
+per old class (replay trains on them with labels; FIP anchors its metric on them).
+Every method trains task 0 by SGD at ``--lr``, and so do the baselines later
+tasks; FIP (natural mode) steps at ``--fip-lr``, because it passes
+only the part of each gradient that leaves the anchor outputs alone; the authors'
+penalty formulation (``fip-penalty``: cross-entropy + beta * summed Bhattacharyya
+distance, normalised steps) ``--penalty-lr``.
 
 Writes to ``--out`` (default ``benchmarks/results``): one JSON record and one
 heat map PNG per run (``continual_<benchmark>_<scenario>_<method>.{json,png}``),
@@ -31,8 +36,8 @@ from pathlib import Path
 
 from torch import nn
 
-from riemfip.applications.continual import METHODS, run_continual
-from riemfip.applications.continual_methods import EWC, FineTune, Joint, Replay
+from riemfip.applications.continual import run_continual
+from riemfip.applications.continual_methods import EWC, FineTune, FIPMethod, Joint, Replay
 from riemfip.data import load_mnist, split_tasks
 
 BENCHMARKS = {
@@ -59,7 +64,9 @@ def make_method(name: str, args: argparse.Namespace):
     if name == "joint":
         return Joint()
     if name == "fip":
-        return METHODS["fip"](**json.loads(args.fip_options))
+        return FIPMethod(lr_scale=args.fip_lr / args.lr, **json.loads(args.fip_options))
+    if name == "fip-penalty":
+        return FIPMethod(lr_scale=args.penalty_lr / args.lr, mode="penalty", beta=args.beta)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -102,15 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     p.add_argument("--scenarios", nargs="+", default=["task", "class"], choices=["task", "class"])
-    default_methods = ["finetune", "ewc", "replay", "joint"] + (["fip"] if "fip" in METHODS else [])
-    p.add_argument("--methods", nargs="+", default=default_methods)
-    p.add_argument("--epochs", type=int, default=20, help="epochs per task")
-    p.add_argument("--lr", type=float, default=0.05)
+    methods = ["finetune", "ewc", "replay", "joint", "fip", "fip-penalty"]
+    p.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    p.add_argument("--epochs", type=int, default=5, help="epochs per task")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD lr of the baselines")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--memory-per-class", type=int, default=50)
     p.add_argument("--ewc-lambda", type=float, default=1e3)
     p.add_argument("--fisher-samples", type=int, default=200)
-    p.add_argument("--fip-options", default="{}", help="JSON keyword arguments of the FIP method")
+    p.add_argument(
+        "--fip-options",
+        default='{"damping": 1.0, "refresh_iterations": 1000, "solve_maxiter": 30}',
+        help="JSON keyword arguments of riemfip.optim.FIP (natural mode)",
+    )
+    p.add_argument("--fip-lr", type=float, default=0.5, help="FIP natural-mode lr (tasks >= 1)")
+    p.add_argument("--beta", type=float, default=10.0, help="penalty-mode weight")
+    p.add_argument("--penalty-lr", type=float, default=0.01, help="penalty-mode step length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mnist-root", default=None, help="torchvision root with MNIST/raw")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -275,7 +275,7 @@ def test_fip_keeps_the_old_task_where_fine_tuning_forgets_it(tasks):
     assert fine.accuracy[1, 0] < 10  # class-incremental fine-tuning forgets task 0 ...
     assert fip.accuracy[1, 0] > fip.accuracy[0, 0] - 10  # ... FIP keeps it
     assert fip.accuracy[1, 1] > 70  # and still learns task 1
-    assert fip.method == "fip" and fip.method_config == options
+    assert fip.method == "fip" and fip.method_config == {"lr_scale": 1.0, **options}
     assert fip.diagnostics[0] == {}  # task 0: plain SGD, nothing to keep
     diag = fip.diagnostics[1]
     assert diag["steps"] == 5 * math.ceil(len(two[1].x_train) / 64)
@@ -285,3 +285,5 @@ def test_fip_keeps_the_old_task_where_fine_tuning_forgets_it(tasks):
 def test_fip_options_cannot_override_what_the_run_sets():
     with pytest.raises(ValueError, match="anchor_inputs"):
         FIPMethod(anchor_inputs=torch.zeros(3, 64))
+    with pytest.raises(ValueError, match="lr_scale"):
+        FIPMethod(lr_scale=0)

@@ -409,6 +409,11 @@ class FIPMethod(ContinualMethod):
 
     Parameters
     ----------
+    lr_scale : float
+        FIP steps use ``lr_scale`` times the run's learning rate (task 0's SGD uses
+        the run's own, so that it matches the other methods). Natural-mode FIP
+        passes only the part of each gradient that leaves the anchor outputs alone
+        (``mean_kept_fraction`` in the diagnostics), so it usually wants a larger rate.
     **options
         Keyword arguments of :class:`riemfip.optim.FIP` other than ``params``,
         ``model``, ``anchor_inputs`` and ``lr`` (e.g. ``mode="penalty", beta=10``,
@@ -417,17 +422,21 @@ class FIPMethod(ContinualMethod):
 
     name = "fip"
 
-    def __init__(self, **options):
+    def __init__(self, *, lr_scale: float = 1.0, **options):
         reserved = {"params", "model", "anchor_inputs", "lr"} & set(options)
         if reserved:
             raise ValueError(f"{sorted(reserved)} are set by the continual run, not by options")
+        lr_scale = float(lr_scale)
+        if not (math.isfinite(lr_scale) and lr_scale > 0):
+            raise ValueError(f"lr_scale must be a positive number, got {lr_scale}")
         super().__init__(momentum=0.0)
+        self.lr_scale = lr_scale
         self.options = dict(options)
         self._optimizer = None
         self._steps: list = []
 
     def config(self) -> dict:
-        return dict(self.options)
+        return {"lr_scale": self.lr_scale, **self.options}
 
     def optimizer(self, model, lr, t, memory):
         self._steps = []
@@ -437,7 +446,11 @@ class FIPMethod(ContinualMethod):
         from riemfip.optim import FIP
 
         self._optimizer = FIP(
-            model.parameters(), model=model, anchor_inputs=memory.x, lr=lr, **self.options
+            model.parameters(),
+            model=model,
+            anchor_inputs=memory.x,
+            lr=lr * self.lr_scale,
+            **self.options,
         )
         return self._optimizer
 
