@@ -14,7 +14,8 @@ Every method trains task 0 by SGD at ``--lr``, and so do the baselines later
 tasks; FIP (natural mode) steps at ``--fip-lr``, because it passes
 only the part of each gradient that leaves the anchor outputs alone; the authors'
 penalty formulation (``fip-penalty``: cross-entropy + beta * summed Bhattacharyya
-distance, normalised steps) ``--penalty-lr``.
+distance, normalised steps) ``--penalty-lr``. ``fip-budget`` is FIP with a drift
+budget (``--drift-budget``, mean 1/2 |dy|^2 of the logits on held-out anchors).
 
 Writes to ``--out`` (default ``benchmarks/results``): one JSON record and one
 heat map PNG per run (``continual_<benchmark>_<scenario>_<method>.{json,png}``),
@@ -65,6 +66,9 @@ def make_method(name: str, args: argparse.Namespace):
         return Joint()
     if name == "fip":
         return FIPMethod(lr_scale=args.fip_lr / args.lr, **json.loads(args.fip_options))
+    if name == "fip-budget":
+        options = json.loads(args.fip_options) | {"drift_budget": args.drift_budget}
+        return FIPMethod(lr_scale=args.fip_lr / args.lr, **options)
     if name == "fip-penalty":
         return FIPMethod(lr_scale=args.penalty_lr / args.lr, mode="penalty", beta=args.beta)
     raise ValueError(f"unknown method {name!r}")
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     p.add_argument("--scenarios", nargs="+", default=["task", "class"], choices=["task", "class"])
-    methods = ["finetune", "ewc", "replay", "joint", "fip", "fip-penalty"]
+    methods = ["finetune", "ewc", "replay", "joint", "fip", "fip-budget", "fip-penalty"]
     p.add_argument("--methods", nargs="+", default=methods, choices=methods)
     p.add_argument("--epochs", type=int, default=5, help="epochs per task")
     p.add_argument("--lr", type=float, default=0.05, help="SGD lr of the baselines")
@@ -122,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         default='{"damping": 1.0, "refresh_iterations": 1000, "solve_maxiter": 30}',
         help="JSON keyword arguments of riemfip.optim.FIP (natural mode)",
     )
+    p.add_argument(
+        "--drift-budget", type=float, default=10.0, help="fip-budget: held-out drift budget"
+    )
     p.add_argument("--fip-lr", type=float, default=0.5, help="FIP natural-mode lr (tasks >= 1)")
     p.add_argument("--beta", type=float, default=10.0, help="penalty-mode weight")
-    p.add_argument("--penalty-lr", type=float, default=0.01, help="penalty-mode step length")
+    p.add_argument("--penalty-lr", type=float, default=0.05, help="penalty-mode step length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mnist-root", default=None, help="torchvision root with MNIST/raw")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
