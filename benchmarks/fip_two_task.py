@@ -19,13 +19,38 @@ import torch
 from torch import nn
 
 from riemfip.data import mnist_subset
-from riemfip.optim import FIP
+from riemfip.optim import FIP, GaussianNoise
 
 
 def mlp() -> nn.Module:
     return nn.Sequential(
         nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10)
     )
+
+
+def jitter(shift: int, noise: float):
+    """Unlabelled anchor augmentation for MNIST: random shifts of up to ``shift`` pixels and
+    Gaussian pixel noise of std ``noise``."""
+
+    if shift == 0:
+        return GaussianNoise(noise)
+
+    def transform(x, gen):
+        img = x.reshape(-1, 28, 28)
+        out = torch.zeros_like(img)
+        dx = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+        dy = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+        for sx in range(-shift, shift + 1):
+            for sy in range(-shift, shift + 1):
+                sel = (dx == sx) & (dy == sy)
+                if sel.any():
+                    out[sel] = torch.roll(img[sel], shifts=(sy, sx), dims=(1, 2))
+        out = out.reshape(x.shape)
+        if noise > 0:
+            out = out + noise * torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        return out
+
+    return transform
 
 
 def accuracy(net, x, y) -> float:
@@ -71,21 +96,29 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="task-B steps for every method")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1, help="SGD / FIP natural-mode learning rate")
+    p.add_argument("--ft-lr", type=float, default=0.3, help="fine-tuning SGD learning rate")
+    p.add_argument("--lr", type=float, default=1.0, help="FIP natural-mode learning rate")
     p.add_argument("--epochs-a", type=int, default=5)
     p.add_argument("--anchors-per-class", type=int, default=50)
     p.add_argument("--metric", default=None, help="FIP output metric (default: FIP's)")
     p.add_argument("--damping", type=float, default=None)
     p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--refresh-every", type=int, default=None)
     p.add_argument("--holdout-fraction", type=float, default=None)
     p.add_argument("--drift-budget", type=float, default=None)
-    p.add_argument("--penalty", action="store_true", help="also run the authors' penalty mode")
-    p.add_argument("--penalty-lr", type=float, default=0.01)
-    p.add_argument("--beta", type=float, default=10.0)
+    p.add_argument("--correction", type=float, default=None)
+    p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
+    p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
+    p.add_argument("--penalty-lr", type=float, default=0.3, help="penalty mode: step length")
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument(
+        "--methods",
+        default="finetune,fip,fip-noise,penalty",
+        help="comma-separated subset of finetune, fip, fip-noise, penalty",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="fip_two_task.json")
+    p.add_argument("--json", default="fip_two_task.json", help="output file ('' for none)")
     args = p.parse_args(argv)
+    methods = args.methods.split(",")
 
     torch.manual_seed(args.seed)
     ds = mnist_subset()
@@ -104,60 +137,63 @@ def main(argv=None) -> int:
             "new": accuracy(net, ds.x_test[new_te], ds.y_test[new_te]),
         }
 
+    def fip_options(noise: bool) -> dict:
+        options = {"lr": args.lr, "momentum": args.momentum}
+        for key in ("metric", "damping", "holdout_fraction", "drift_budget", "correction"):
+            if getattr(args, key) is not None:
+                options["output_metric" if key == "metric" else key] = getattr(args, key)
+        if noise:
+            options["anchor_transform"] = jitter(args.shift, args.noise)
+        return options
+
     results = {"config": vars(args), "before": evaluate(net_a)}
-
-    net = copy.deepcopy(net_a)
-    secs, _ = run_task_b(
-        net,
-        torch.optim.SGD(net.parameters(), lr=args.lr),
-        xb,
-        yb,
-        steps=args.steps,
-        batch=args.batch,
-        seed=args.seed + 1,
-    )
-    results["finetune"] = {**evaluate(net), "seconds": secs}
-
-    options = {"lr": args.lr, "momentum": args.momentum, "refresh_every": args.refresh_every}
-    for key in ("metric", "damping", "holdout_fraction", "drift_budget"):
-        if getattr(args, key) is not None:
-            options["output_metric" if key == "metric" else key] = getattr(args, key)
-    net = copy.deepcopy(net_a)
-    t0 = time.perf_counter()
-    opt = FIP(net.parameters(), model=net, anchor_inputs=anchors, **options)
-    secs, shrunk = run_task_b(
-        net, opt, xb, yb, steps=args.steps, batch=args.batch, seed=args.seed + 1
-    )
-    info = opt.last_info[0]
-    results["fip"] = {
-        **evaluate(net),
-        "seconds": time.perf_counter() - t0,
-        "rank": info.rank,
-        "holdout_drift": info.drift.divergence,
-        "holdout_agreement": info.drift.agreement,
-        "shrunk_steps": shrunk,
-    }
-
-    if args.penalty:
+    for method in methods:
         net = copy.deepcopy(net_a)
-        opt = FIP(
-            net.parameters(),
-            model=net,
-            anchor_inputs=anchors,
-            mode="penalty",
-            lr=args.penalty_lr,
-            beta=args.beta,
-        )
-        secs, _ = run_task_b(
+        t0 = time.perf_counter()
+        if method == "finetune":
+            opt = torch.optim.SGD(net.parameters(), lr=args.ft_lr)
+        elif method in ("fip", "fip-noise"):
+            opt = FIP(
+                net.parameters(),
+                model=net,
+                anchor_inputs=anchors,
+                **fip_options(method == "fip-noise"),
+            )
+        elif method == "penalty":
+            opt = FIP(
+                net.parameters(),
+                model=net,
+                anchor_inputs=anchors,
+                mode="penalty",
+                lr=args.penalty_lr,
+                beta=args.beta,
+            )
+        else:
+            raise SystemExit(f"unknown method {method!r}")
+        secs, shrunk = run_task_b(
             net, opt, xb, yb, steps=args.steps, batch=args.batch, seed=args.seed + 1
         )
-        results["penalty"] = {**evaluate(net), "seconds": secs}
+        row = {
+            **evaluate(net),
+            "seconds": time.perf_counter() - t0,
+            "step_seconds": secs / args.steps,
+        }
+        if isinstance(opt, FIP):
+            info = opt.last_info[0]
+            row.update(
+                holdout_drift=info.drift.divergence,
+                holdout_agreement=info.drift.agreement,
+                shrunk_steps=shrunk,
+            )
+        results[method] = row
 
-    print(f"before task B: old {results['before']['old']:.1f}%")
-    for name in ("finetune", "fip", "penalty"):
-        if name in results:
-            r = results[name]
-            print(f"{name:>9}: old {r['old']:5.1f}%  new {r['new']:5.1f}%  ({r['seconds']:.1f} s)")
+    print(f"before task B: old {results['before']['old']:.1f}%  ({args.steps} task-B steps each)")
+    for method in methods:
+        r = results[method]
+        print(
+            f"{method:>10}: old {r['old']:5.1f}%  new {r['new']:5.1f}%  "
+            f"({r['step_seconds'] * 1e3:.1f} ms/step)"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from manifolds import PullbackMetric
-from riemfip.optim import FIP, anchor_spectrum, solve_output_system
+from riemfip.optim import FIP, GaussianNoise, anchor_spectrum, solve_output_system
 from riemfip.optim.anchor import GroupFunction, holdout_mask
+from riemfip.optim.linear_gram import linear_gram_plan
 from riemfip.optim.output_solve import embedded_outputs
 
 DIM, CLASSES = 6, 4
@@ -163,6 +164,9 @@ def test_path_learns_new_task_and_keeps_old_outputs(task):
         opt.zero_grad()
         losses.append(new_task_backward(net, task))
         opt.step()
+        info = opt.last_info[0]
+        # bounded steps: |lambda g^-1 grad| <= |grad| and the pull-back is capped at lr |grad|
+        assert info.step_norm <= 2 * 0.5 * info.grad_norm * (1 + 1e-9)
     assert losses[-1] < 0.5 * losses[0]
 
     net_sgd = copy.deepcopy(base)
@@ -179,6 +183,30 @@ def test_path_learns_new_task_and_keeps_old_outputs(task):
     assert keep_sgd < 0.6, keep_sgd  # the problem forgets without FIP
     assert held_out_change(net, base, x) < held_out_change(net_sgd, base, x) / 20
     assert opt.last_info[0].drift.agreement >= 0.97
+
+
+def test_noisy_anchors_keep_unseen_old_inputs_better(task):
+    """With ``anchor_transform=GaussianNoise`` the metric covers a neighbourhood of each
+    anchor: held-out old-task outputs move less than with the bare anchors, and the new
+    task is still learnt."""
+    changes = []
+    for transform in (None, GaussianNoise(0.3)):
+        net = copy.deepcopy(task["net"])
+        opt = FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=task["anchors"],
+            lr=0.5,
+            anchor_transform=transform,
+        )
+        losses = []
+        for _ in range(40):
+            opt.zero_grad()
+            losses.append(new_task_backward(net, task))
+            opt.step()
+        assert losses[-1] < 0.1 * losses[0]
+        changes.append(held_out_change(net, task["net"], task["test_a"]))
+    assert changes[1] < 0.6 * changes[0], changes
 
 
 def test_drift_budget_is_respected(task):
@@ -208,11 +236,15 @@ def test_drift_budget_is_respected(task):
 
 
 # --------------------------------------------------------------------- state
-@pytest.mark.parametrize("mode", ["natural", "penalty"])
+@pytest.mark.parametrize("mode", ["natural", "penalty", "transform"])
 def test_state_dict_round_trip_reproduces_next_step(task, mode):
     net = copy.deepcopy(task["net"])
-    kwargs = dict(model=net, anchor_inputs=task["anchors"], mode=mode)
-    if mode == "natural":
+    kwargs = dict(model=net, anchor_inputs=task["anchors"])
+    if mode == "transform":
+        kwargs["anchor_transform"] = GaussianNoise(0.3)
+    else:
+        kwargs["mode"] = mode
+    if mode != "penalty":
         kwargs["momentum"] = 0.5
     opt = FIP(net.parameters(), lr=0.05, **kwargs)
     for _ in range(3):
@@ -315,6 +347,19 @@ def test_nan_loss_is_rejected_and_weights_untouched(task):
         opt.step(lambda: torch.tensor(float("nan")))
 
 
+def test_anchor_transform_of_wrong_shape_is_rejected(task):
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        anchor_transform=lambda x, g: x[:3],
+    )
+    new_task_backward(net, task)
+    with pytest.raises(ValueError, match="anchor_transform must return"):
+        opt.step()
+
+
 def test_group_with_foreign_parameter_is_rejected(task):
     net = task["net"]
     stranger = nn.Parameter(torch.zeros(3, dtype=torch.float64))
@@ -337,3 +382,46 @@ def test_bad_options_are_rejected(task, kwargs, match):
     net = task["net"]
     with pytest.raises(ValueError, match=match):
         FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], **kwargs)
+
+
+def test_linear_gram_matches_dense_jacobian(task):
+    """The Kronecker-structured K = JJ^T of an nn.Linear stack equals the dense one, for a
+    group holding some weights and biases only."""
+    net, x = task["net"], task["anchors"]
+    params = [net[0].weight, net[2].bias, net[4].weight, net[4].bias]
+    fn = GroupFunction(net, params)
+    plan = linear_gram_plan(net, fn)
+    assert plan is not None
+    w = torch.cat([p.detach().reshape(-1) for p in params])
+    for name in ("euclidean", "bhattacharyya"):
+        metric = PullbackMetric(lambda v: fn(v, x), output_metric=name)
+        jac = metric.jacobian(w)
+        gram, emb = plan(metric.output_metric, w, x)
+        assert torch.allclose(gram, jac @ jac.T, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(emb, metric.embed(w))
+    assert (
+        linear_gram_plan(
+            nn.Sequential(nn.Conv1d(1, 1, 1)), GroupFunction(nn.Sequential(nn.Conv1d(1, 1, 1)), [])
+        )
+        is not None
+    )  # an empty group is trivially linear
+
+
+def test_exact_and_pcg_solvers_take_the_same_step(task):
+    steps = []
+    for solver in ("exact", "pcg"):
+        net = copy.deepcopy(task["net"])
+        opt = FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=task["anchors"],
+            solver=solver,
+            solve_tol=1e-10,
+            solve_maxiter=500,
+        )
+        for _ in range(2):
+            opt.zero_grad()
+            new_task_backward(net, task)
+            opt.step()
+        steps.append(flat(net))
+    assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)

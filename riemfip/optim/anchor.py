@@ -27,7 +27,7 @@ from torch.func import functional_call
 from manifolds.flat import training_mode
 from manifolds.pullback import as_batches
 
-__all__ = ["Anchor", "GroupFunction", "holdout_mask"]
+__all__ = ["Anchor", "GroupFunction", "GaussianNoise", "holdout_mask"]
 
 
 def holdout_mask(n: int, fraction: float) -> torch.Tensor:
@@ -39,6 +39,29 @@ def holdout_mask(n: int, fraction: float) -> torch.Tensor:
     """
     idx = torch.arange(n, dtype=torch.float64)
     return torch.floor((idx + 1) * fraction) > torch.floor(idx * fraction)
+
+
+class GaussianNoise:
+    r"""Anchor transform :math:`x \mapsto x + s\,\xi`, :math:`\xi \sim \mathcal N(0, I)`.
+
+    For :class:`~riemfip.optim.FIP`'s ``anchor_transform``: the metric is then pulled
+    back from the outputs on a Gaussian neighbourhood of each anchor (radius ``std``
+    in input units) instead of on the anchor points alone. A class (not a closure)
+    so that it pickles.
+    """
+
+    def __init__(self, std: float):
+        std = float(std)
+        if not std >= 0:
+            raise ValueError(f"std must be >= 0, got {std}")
+        self.std = std
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return x + self.std * noise
+
+    def __repr__(self) -> str:
+        return f"GaussianNoise(std={self.std})"
 
 
 class GroupFunction:
