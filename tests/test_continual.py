@@ -287,3 +287,14 @@ def test_fip_options_cannot_override_what_the_run_sets():
         FIPMethod(anchor_inputs=torch.zeros(3, 64))
     with pytest.raises(ValueError, match="lr_scale"):
         FIPMethod(lr_scale=0)
+
+
+def test_fip_config_with_an_anchor_transform_is_json():
+    from riemfip.optim import GaussianNoise
+
+    config = FIPMethod(anchor_transform=GaussianNoise(0.3), damping=0.1).config()
+    assert json.loads(json.dumps(config)) == {
+        "lr_scale": 1.0,
+        "anchor_transform": "GaussianNoise(std=0.3)",
+        "damping": 0.1,
+    }

@@ -417,7 +417,8 @@ class FIPMethod(ContinualMethod):
     **options
         Keyword arguments of :class:`riemfip.optim.FIP` other than ``params``,
         ``model``, ``anchor_inputs`` and ``lr`` (e.g. ``mode="penalty", beta=10``,
-        ``damping``, ``drift_budget``); recorded in the result as given.
+        ``damping``, ``drift_budget``, ``anchor_transform=GaussianNoise(0.3)``); recorded
+        in the result (objects by their ``repr``).
     """
 
     name = "fip"
@@ -436,7 +437,10 @@ class FIPMethod(ContinualMethod):
         self._steps: list = []
 
     def config(self) -> dict:
-        return {"lr_scale": self.lr_scale, **self.options}
+        """``lr_scale`` and the FIP options; objects (e.g. an anchor transform) by ``repr``."""
+        plain = (bool, int, float, str, type(None))
+        options = {k: v if isinstance(v, plain) else repr(v) for k, v in self.options.items()}
+        return {"lr_scale": self.lr_scale, **options}
 
     def optimizer(self, model, lr, t, memory):
         self._steps = []
