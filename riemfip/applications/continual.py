@@ -200,7 +200,7 @@ class ContinualResult:
             raise ImportError('plotting needs matplotlib: pip install "riemfip[plot]"') from err
         r = np.asarray(self.accuracy)
         n = r.shape[0]
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.0 + 0.8 * n), dpi=120)
+        fig, ax = plt.subplots(figsize=(2.6 + 0.9 * n, 1.4 + 0.8 * n), dpi=120)
         im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
         for i in range(n):
             for j in range(n):
