@@ -6,6 +6,23 @@ method. FIP's anchor is 50 stored training images per old class (250), without
 labels. Accuracies are 10-way, on the offline subset's test images of each task.
 
 Run ``python benchmarks/fip_two_task.py --help``; prints a table and writes JSON.
+Defaults take about 3-4 minutes on one loaded CPU core.
+
+Measured with the defaults (seed 0, 300 task-B steps of batch 64; old-task accuracy
+96.2% before task B; ms/step on a shared 2-core machine, so only roughly comparable):
+
+==========  =======  =======  ========
+method      old %    new %    ms/step
+==========  =======  =======  ========
+finetune      0.0     96.4       1.7
+fip          71.8     94.6     271
+fip-noise    90.8     92.4     335
+penalty      93.0     79.4       7.8
+==========  =======  =======  ========
+
+``fip`` is natural mode with lr 1.0 on the 200 fit anchors (50 held out);
+``fip-noise`` adds ``anchor_transform=GaussianNoise(0.1)``; ``penalty`` is the
+authors' formulation with normalised steps of length 0.3 and beta 1.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ With embedded anchor outputs :math:`F(w)` (:math:`F_b = N^{-1/2}\phi(f(w;x_b))`)
 * the second term is a Levenberg–Marquardt step that pulls the outputs back
   toward the frozen :math:`F(w_0)`, undoing the drift that accumulates because
   each step's metric is only locally right (:math:`\gamma` = ``correction``);
-* the pull-back's length is capped at :math:`\eta\|\nabla L\|` (a trust region:
-  where the outputs saturate, e.g. softmax metrics, the first-order pull-back can
-  be arbitrarily long);
+* the pull-back's length is capped at
+  :math:`\eta\max(\|\nabla L\|, \|J^\top(F(w) - F(w_0))\|)`, a gradient step on the
+  secondary loss or on the drift (a trust region: where the outputs saturate,
+  e.g. softmax metrics, the first-order pull-back can be arbitrarily long);
 * :math:`\alpha \in (0, 1]` is 1 unless the drift budget shrinks the step;
 * the retraction is :math:`R_w(v) = w + v`.
 
@@ -142,6 +143,8 @@ class FIPStepInfo:
         Rank :math:`k` of the stored spectrum (the preconditioner; 0 in penalty mode).
     solve_iterations : int
         Preconditioned CG iterations of this step's output-space solve.
+    correction_norm : float
+        Euclidean length of the pull-back toward the frozen outputs (natural mode).
     """
 
     step: int
@@ -156,6 +159,7 @@ class FIPStepInfo:
     fit_residual: float
     rank: int
     solve_iterations: int
+    correction_norm: float
 
 
 def _check_number(name, value, *, low=None, high=None, low_open=False, allow_none=False):
@@ -505,7 +509,8 @@ class FIP(OptimMixin, torch.optim.Optimizer):
     def _output_solve(self, gi: int, group: dict, w: torch.Tensor, grad: torch.Tensor, state):
         r"""Solve :math:`(JJ^\top + \lambda I) z = (J\nabla, F(w) - F(w_0))` with :math:`J` at ``w``.
 
-        Returns :math:`(J^\top z_1, J^\top z_2)` stacked, the residual :math:`F(w) - F(w_0)`,
+        Returns :math:`(J^\top z_1, J^\top z_2, J^\top r)` stacked (the last is the gradient
+        of the drift :math:`\tfrac12\|r\|^2`), the residual :math:`r = F(w) - F(w_0)`,
         the rank of the stored spectrum (0 on the exact path) and the CG iterations.
         """
         fn = self._functions[gi]
@@ -540,7 +545,9 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             )
             if solve.iterations >= group["refresh_iterations"]:
                 state["stale"] = True  # the preconditioner no longer fits J: refactor next step
-            return solve.pulled_back, residual, spectrum.rank, solve.iterations
+            _, vjp_fn = torch.func.vjp(embed, w)
+            pulled_back = torch.cat([solve.pulled_back, vjp_fn(residual)[0][None]])
+            return pulled_back, residual, spectrum.rank, solve.iterations
         gram, emb = built
         m = gram.shape[0]
         if "damping" not in state:  # fixed at the first step: one metric per run
@@ -555,7 +562,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         else:  # lost definiteness to rounding: fall back to a least-squares solve
             z = torch.linalg.lstsq(shifted, rhs).solution.T
         _, vjp_fn = torch.func.vjp(embed, w)
-        pulled_back = torch.func.vmap(lambda u: vjp_fn(u)[0])(z)
+        pulled_back = torch.func.vmap(lambda u: vjp_fn(u)[0])(torch.cat([z, residual[None]]))
         return pulled_back, residual, 0, 0
 
     def _penalty_gradient(self, gi: int, w: torch.Tensor) -> torch.Tensor:
@@ -608,9 +615,10 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             kept = float(direction.norm()) / grad_norm if grad_norm > 0 else 0.0
             secondary = -lr * direction
             correction = -group["correction"] * pulled_back[1]
-            # Trust region: a first-order pull-back can be far too long where the outputs
-            # saturate (softmax metrics); never spend more length on repair than an SGD step.
-            cap = lr * grad_norm
+            # Trust region: where the outputs saturate (softmax metrics) the first-order
+            # pull-back can be arbitrarily long; never make it longer than a gradient step
+            # (rate lr) on the secondary loss or on the drift 1/2 |F(w) - F(w0)|^2.
+            cap = lr * max(grad_norm, float(pulled_back[2].norm()))
             cnorm = float(correction.norm())
             if cnorm > cap > 0:
                 correction = correction * (cap / cnorm)
@@ -654,6 +662,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             fit_residual=fit_residual,
             rank=rank,
             solve_iterations=iterations,
+            correction_norm=float(correction.norm()),
         )
 
     @staticmethod
