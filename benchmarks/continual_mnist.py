@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--anchor-noise",
         type=float,
-        default=0.3,
+        default=0.1,
         help="fip: std of the Gaussian noise on the anchors at each step (fip-bare: none)",
     )
     p.add_argument("--beta", type=float, default=1.0, help="penalty-mode weight")
