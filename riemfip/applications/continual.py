@@ -1,0 +1,471 @@
+r"""Continual learning: train a network on a sequence of tasks and measure forgetting.
+
+:func:`run_continual` trains one network on tasks ``0, 1, ...`` in turn with a
+:class:`~riemfip.applications.continual_methods.ContinualMethod` (fine-tuning,
+EWC, experience replay, joint training, or a functionally invariant path) and
+evaluates it on every task's test set after each one, giving the accuracy matrix
+:math:`R_{ij}` = accuracy (%) on task :math:`j` after training task :math:`i`.
+
+Scenarios
+---------
+``"task"`` (task-incremental)
+    The task identity is known: each task owns the output units of its classes
+    (``Dataset.classes``), logits of other tasks are masked out in training and
+    at evaluation.
+``"class"`` (class-incremental)
+    One shared head (``num_classes`` units), no task identity: every test image
+    is classified among all classes.
+
+Memory
+------
+``memory_per_class`` training images of each class of each finished task are
+stored (chosen at random, once); replay trains on them with their labels, FIP
+uses them (inputs only) as the anchor of its metric. Other methods ignore them.
+
+Summary numbers
+---------------
+*average accuracy*: mean of the last row of :math:`R`. *forgetting*: mean over
+the tasks before the last of :math:`\max_{i < T-1} R_{ij} - R_{T-1,j}` (the best
+accuracy the task ever had before the final task, minus its final accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from riemfip.data import Dataset
+
+from .continual_methods import (
+    EWC,
+    ContinualMethod,
+    FineTune,
+    FIPMethod,
+    Heads,
+    Joint,
+    Memory,
+    Replay,
+)
+
+__all__ = ["METHODS", "ContinualResult", "forgetting", "make_method", "run_continual"]
+
+#: Method names accepted by :func:`run_continual`, with their classes.
+METHODS: dict[str, type[ContinualMethod]] = {
+    "finetune": FineTune,
+    "ewc": EWC,
+    "replay": Replay,
+    "joint": Joint,
+    "fip": FIPMethod,
+}
+
+_SCENARIOS = ("task", "class")
+
+
+def make_method(method: str | ContinualMethod) -> ContinualMethod:
+    """A method instance from its name (default hyperparameters), or an instance passed through."""
+    if isinstance(method, ContinualMethod):
+        return method
+    if isinstance(method, str) and method in METHODS:
+        return METHODS[method]()
+    raise ValueError(
+        f"unknown method {method!r}; expected one of {sorted(METHODS)} or a ContinualMethod"
+    )
+
+
+def forgetting(accuracy: np.ndarray) -> tuple[float, list[float]]:
+    """Average and per-task forgetting of an accuracy matrix ``R[i, j]``.
+
+    Forgetting of task ``j < T-1`` is ``max(R[j:T-1, j]) - R[T-1, j]``: its best
+    accuracy after it was learned and before the last task, minus its final
+    accuracy. With a single task there is nothing to forget (``nan``, ``[]``).
+    """
+    r = np.asarray(accuracy, dtype=float)
+    if r.ndim != 2 or r.shape[0] != r.shape[1]:
+        raise ValueError(f"accuracy must be a square matrix, got shape {r.shape}")
+    n = r.shape[0]
+    per_task = [float(r[j : n - 1, j].max() - r[n - 1, j]) for j in range(n - 1)]
+    return (float(np.mean(per_task)) if per_task else math.nan), per_task
+
+
+@dataclass
+class ContinualResult:
+    """Outcome of :func:`run_continual`.
+
+    Attributes
+    ----------
+    method : str
+    method_config : dict
+        The method's hyperparameters.
+    scenario : {"task", "class"}
+    tasks : list of str
+        Task names.
+    task_classes : list of list of int
+        The labels of each task.
+    accuracy : numpy.ndarray
+        ``(T, T)``: ``accuracy[i, j]`` is the test accuracy (%) on task ``j`` after
+        training task ``i`` (entries ``j > i`` are tasks not yet trained).
+    config : dict
+        Run settings (epochs, lr, batch size, seed, memory per class, ...).
+    seconds : list of float
+        Training time of each task (including the method's end-of-task work).
+    diagnostics : list of dict
+        The method's diagnostics after each task (e.g. EWC Fisher scale, FIP drift).
+    """
+
+    method: str
+    method_config: dict
+    scenario: str
+    tasks: list[str]
+    task_classes: list[list[int]]
+    accuracy: np.ndarray
+    config: dict = field(default_factory=dict)
+    seconds: list[float] = field(default_factory=list)
+    diagnostics: list[dict] = field(default_factory=list)
+
+    @property
+    def average_accuracy(self) -> float:
+        """Mean final accuracy over all tasks (%)."""
+        return float(np.mean(self.accuracy[-1]))
+
+    @property
+    def forgetting(self) -> float:
+        """Mean forgetting over the tasks before the last (percentage points)."""
+        return forgetting(self.accuracy)[0]
+
+    @property
+    def per_task_forgetting(self) -> list[float]:
+        return forgetting(self.accuracy)[1]
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary, summary numbers included."""
+        d = asdict(self)
+        d["accuracy"] = np.asarray(self.accuracy).tolist()
+        d["average_accuracy"] = self.average_accuracy
+        d["forgetting"] = None if math.isnan(self.forgetting) else self.forgetting
+        d["per_task_forgetting"] = self.per_task_forgetting
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The record as JSON text; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> ContinualResult:
+        """Read a record written by :meth:`to_json` (JSON text or a file path)."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        d = json.loads(text)
+        names = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in names}
+        d["accuracy"] = np.asarray(d["accuracy"], dtype=float)
+        return cls(**d)
+
+    def summary(self) -> str:
+        """A few lines: the accuracy matrix, average accuracy and forgetting."""
+        width = max(8, *(len(t) for t in self.tasks))
+        head = " " * 14 + "".join(f"{t:>{width + 1}}" for t in self.tasks)
+        rows = [
+            f"after task {i:<3d}" + "".join(f"{a:>{width + 1}.1f}" for a in row)
+            for i, row in enumerate(self.accuracy)
+        ]
+        fg = self.forgetting
+        tail = f"average accuracy {self.average_accuracy:.1f}%, forgetting " + (
+            "n/a" if math.isnan(fg) else f"{fg:.1f} points"
+        )
+        return "\n".join([f"{self.method} ({self.scenario}-incremental)", head, *rows, tail])
+
+    def plot_heatmap(self, file: str | Path, *, title: str | None = None) -> Path:
+        """Write the accuracy matrix as a PNG heat map (needs matplotlib) and return the path."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as err:  # pragma: no cover - matplotlib is in the test extra
+            raise ImportError('plotting needs matplotlib: pip install "riemfip[plot]"') from err
+        r = np.asarray(self.accuracy)
+        n = r.shape[0]
+        fig, ax = plt.subplots(figsize=(2.6 + 0.9 * n, 1.4 + 0.8 * n), dpi=120)
+        im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
+        for i in range(n):
+            for j in range(n):
+                ax.text(
+                    j, i, f"{r[i, j]:.1f}", ha="center", va="center",
+                    color="white" if r[i, j] < 60 else "black", fontsize=8,
+                )  # fmt: skip
+        ax.set_xticks(range(n), [", ".join(map(str, c)) for c in self.task_classes], fontsize=7)
+        ax.set_yticks(range(n), [f"after {i}" for i in range(n)], fontsize=7)
+        ax.set_xlabel("evaluated on task (classes)")
+        ax.set_ylabel("trained through task")
+        fg = self.forgetting
+        ax.set_title(
+            title
+            or f"{self.method}, {self.scenario}-incr.: avg {self.average_accuracy:.1f}%"
+            + ("" if math.isnan(fg) else f", forgetting {fg:.1f}"),
+            fontsize=9,
+        )
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
+        fig.tight_layout()
+        file = Path(file)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(file)
+        plt.close(fig)
+        return file
+
+
+def _check_tasks(tasks: Sequence[Dataset]) -> list[Dataset]:
+    if isinstance(tasks, Dataset) or not isinstance(tasks, Sequence) or not tasks:
+        raise TypeError("tasks must be a non-empty sequence of Dataset (see riemfip.data)")
+    for i, t in enumerate(tasks):
+        if not isinstance(t, Dataset):
+            raise TypeError(f"task {i} is a {type(t).__name__}, expected a Dataset")
+        if t.num_classes != tasks[0].num_classes:
+            raise ValueError(
+                f"task {i} has num_classes={t.num_classes}, task 0 {tasks[0].num_classes}: "
+                "tasks must share one label space (split_tasks(..., relabel=False))"
+            )
+        if len(t.x_train) == 0 or len(t.x_test) == 0:
+            raise ValueError(f"task {i} ({t.name}) has no training or no test images")
+    return list(tasks)
+
+
+def _heads(tasks: list[Dataset], scenario: str) -> Heads:
+    if scenario == "class":
+        return Heads(None)
+    mask = torch.zeros(len(tasks), tasks[0].num_classes, dtype=torch.bool)
+    for i, t in enumerate(tasks):
+        mask[i, list(t.labels)] = True
+    return Heads(mask.to(tasks[0].y_train.device))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, tasks: Sequence[Dataset], heads: Heads, batch_size: int = 1000
+) -> list[float]:
+    """Test accuracy (%) on each task, through its head; the model is left in its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        accs = []
+        for j, task in enumerate(tasks):
+            correct = 0
+            for s in range(0, len(task.x_test), batch_size):
+                x, y = task.x_test[s : s + batch_size], task.y_test[s : s + batch_size]
+                tid = torch.full_like(y, j)
+                correct += int((heads.logits(model(x), tid).argmax(1) == y).sum())
+            accs.append(100.0 * correct / len(task.x_test))
+        return accs
+    finally:
+        model.train(was_training)
+
+
+def _task_seed(seed: int, t: int) -> int:
+    return (int(seed) * 1_000_003 + 7919 * (t + 1)) % (2**63 - 1)
+
+
+def run_continual(
+    tasks: Sequence[Dataset],
+    method: str | ContinualMethod,
+    model_fn: Callable[[], nn.Module],
+    *,
+    memory_per_class: int = 50,
+    scenario: str = "task",
+    epochs: int = 1,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ContinualResult:
+    """Train one network on ``tasks`` in order with ``method``; evaluate after each task.
+
+    Parameters
+    ----------
+    tasks : sequence of Dataset
+        The tasks, sharing one label space (e.g. :func:`riemfip.data.split_tasks`
+        with ``relabel=False``); ``Dataset.classes`` gives each task's head.
+    method : str or ContinualMethod
+        ``"finetune"``, ``"ewc"``, ``"replay"``, ``"joint"``, ``"fip"`` (default hyperparameters;
+        see :data:`METHODS`) or a configured instance, e.g. ``EWC(lam=1e3)``.
+        The instance's cross-task state is filled in by the run.
+    model_fn : callable
+        ``() -> nn.Module`` with ``num_classes`` outputs; called once, under
+        ``torch.manual_seed(seed)`` (the global RNG state is restored afterwards).
+        The model is moved to the device and floating dtype of the task inputs.
+    memory_per_class : int
+        Training images kept of each class of each finished task (see module notes).
+    scenario : {"task", "class"}
+        Task-incremental (masked per-task heads) or class-incremental (shared head).
+    epochs, lr, batch_size : training settings of every task.
+    seed : int
+        Seeds the initialisation, and each task's shuffling and memory choice
+        (per task, so that a resumed run is identical to an uninterrupted one).
+    checkpoint_dir : str or Path, optional
+        After each task the state is saved to ``checkpoint_dir/task_NN.pt``; a later
+        call with the same settings resumes after the last saved task. A checkpoint
+        written with different settings raises ``ValueError``.
+    progress : bool
+        Show a tqdm progress bar over the training steps.
+
+    Returns
+    -------
+    ContinualResult
+    """
+    tasks = _check_tasks(tasks)
+    method = make_method(method)
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+    if scenario not in _SCENARIOS:
+        raise ValueError(f"scenario must be one of {_SCENARIOS}, got {scenario!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    lr = float(lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+
+    x0 = tasks[0].x_train
+    device, dtype = x0.device, (x0.dtype if x0.is_floating_point() else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+    model.to(device=device, dtype=dtype)
+    heads = _heads(tasks, scenario)
+    memory = Memory(memory_per_class)
+    config = {
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "memory_per_class": memory_per_class,
+        "num_classes": tasks[0].num_classes,
+        "model": type(model).__name__,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    signature = {
+        "method": method.name,
+        "method_config": method.config(),
+        "scenario": scenario,
+        "tasks": [t.name for t in tasks],
+        **config,
+    }
+    rows: list[list[float]] = []
+    seconds: list[float] = []
+    diagnostics: list[dict] = []
+    start_task = 0
+    ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if ckpt is not None:
+        state = _latest_checkpoint(ckpt, len(tasks))
+        if state is not None:
+            if state["signature"] != signature:
+                raise ValueError(
+                    f"checkpoint in {ckpt} was written by a different run: "
+                    f"{state['signature']} vs {signature}; use another checkpoint_dir"
+                )
+            model.load_state_dict(state["model"])
+            method.load_state_dict(state["method"])
+            memory.load_state_dict(state["memory"])
+            rows, seconds, diagnostics = state["rows"], state["seconds"], state["diagnostics"]
+            start_task = state["task"] + 1
+
+    steps = 0
+    for t in range(start_task, len(tasks)):
+        x, _, _ = method.training_data(t, tasks, memory)
+        steps += epochs * math.ceil(len(x) / batch_size)
+    bar = tqdm(total=steps, disable=not progress, desc=f"{method.name}/{scenario}", leave=False)
+    try:
+        for t in range(start_task, len(tasks)):
+            tic = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_task_seed(seed, t))
+                gen = torch.Generator().manual_seed(_task_seed(seed, t))
+                _train_task(
+                    model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar
+                )
+                method.end_task(model, tasks[t], t, heads)
+                memory.add_task(tasks[t], t, gen)
+            seconds.append(time.perf_counter() - tic)
+            rows.append(evaluate(model, tasks, heads))
+            diagnostics.append(method.diagnostics())
+            bar.set_postfix_str(f"task {t}: {rows[-1][t]:.1f}%")
+            if ckpt is not None:
+                _save_checkpoint(
+                    ckpt,
+                    t,
+                    {
+                        "signature": signature,
+                        "task": t,
+                        "model": model.state_dict(),
+                        "method": method.state_dict(),
+                        "memory": memory.state_dict(),
+                        "rows": rows,
+                        "seconds": seconds,
+                        "diagnostics": diagnostics,
+                    },
+                )
+    finally:
+        bar.close()
+    return ContinualResult(
+        method=method.name,
+        method_config=method.config(),
+        scenario=scenario,
+        tasks=[t.name for t in tasks],
+        task_classes=[list(t.labels) for t in tasks],
+        accuracy=np.asarray(rows, dtype=float),
+        config=config,
+        seconds=seconds,
+        diagnostics=diagnostics,
+    )
+
+
+def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar):
+    x, y, tid = method.training_data(t, tasks, memory)
+    opt = method.optimizer(model, lr, t, memory)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        for s in range(0, len(x), batch_size):
+            idx = perm[s : s + batch_size]
+            opt.zero_grad()
+            loss = method.loss(model, x[idx], y[idx], tid[idx], t, memory, heads, gen)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{method.name}: the training loss became {loss.item()} during task {t}; "
+                    "lower lr (or the method's penalty weight)"
+                )
+            loss.backward()
+            opt.step()
+            method.after_step(model, lr)
+            bar.update(1)
+
+
+def _save_checkpoint(folder: Path, t: int, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".task_{t:02d}.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, folder / f"task_{t:02d}.pt")
+
+
+def _latest_checkpoint(folder: Path, num_tasks: int) -> dict | None:
+    for t in reversed(range(num_tasks)):
+        path = folder / f"task_{t:02d}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=False)
+    return None
