@@ -9,7 +9,10 @@ same number of plain SGD steps is the baseline.
 
 Run: ``python examples/geoopt_natural_gradient.py`` (about a minute on 2 idle CPU cores).
 Measured: SGD keeps 8.4% of digits 0-4 (new 90.8%); RiemannianSGD on WeightSpace keeps
-42.6% (new 91.2%). The dedicated FIP optimizer (``riemfip.optim``) does much better.
+42.6% (new 91.2%). The FIP optimizer (``riemfip.optim.FIP``, with a drift correction
+toward the frozen anchor outputs) keeps 91.8% (new 92.2%) on the same two-task split
+with a 784-100-100-10 MLP and 250 anchors:
+``benchmarks/fip_two_task.py``.
 """
 
 from __future__ import annotations

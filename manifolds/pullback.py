@@ -147,8 +147,11 @@ class PullbackMetric:
     Notes
     -----
     :meth:`matvec` costs one dual-number forward pass (:mod:`torch.autograd.forward_ad`)
-    that keeps the primal's autograd graph, plus one backward pass of the tangent:
-    about 1.3–2× a forward+backward of a loss (see ``benchmarks/``).
+    that keeps the primal's autograd graph, plus one backward pass of the tangent.
+    Measured on 2 CPU cores (``benchmarks/matvec.py``, 1 thread, CPU time): the product
+    costs 1.7–1.9× a loss forward+backward for an MLP 784-300-100-10 at batch 256 and
+    about 2.1× for VGG11 at 32×32, batch 32; the floor by counting matrix products is
+    about 1.5 and 1.7.
 
     Examples
     --------
