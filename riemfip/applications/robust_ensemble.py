@@ -26,7 +26,6 @@ each at every ε, with every attack's ε, steps, step size and random start.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import time
@@ -48,6 +47,7 @@ from .classifiers import (
     predict_proba,
     train_classifier,
 )
+from .fip_settings import resolve_fip_settings
 
 __all__ = [
     "independent_ensemble",
@@ -476,16 +476,7 @@ _FIP_SETTINGS = (
 
 def _fip_settings(settings: dict | None) -> dict:
     """The :func:`fip_ensemble` settings in effect: defaults updated by ``settings``."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(_FIP_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown fip_settings {unknown}; expected some of {_FIP_SETTINGS}")
-    params = inspect.signature(fip_ensemble).parameters
-    out = {k: params[k].default for k in _FIP_SETTINGS}
-    out.update(settings)
-    if out["fip_options"] is None:
-        out["fip_options"] = dict(_DEFAULT_FIP_OPTIONS)
-    return out
+    return resolve_fip_settings(fip_ensemble, _FIP_SETTINGS, settings, _DEFAULT_FIP_OPTIONS)
 
 
 def _members_cached(

@@ -38,7 +38,6 @@ mask costs little.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import time
@@ -55,6 +54,7 @@ from tqdm.auto import tqdm
 from manifolds.output_metrics import get_output_metric
 
 from .classifiers import accuracy, minibatches, train_classifier
+from .fip_settings import resolve_fip_settings
 
 __all__ = [
     "prunable_weights",
@@ -531,16 +531,7 @@ _FIP_SETTINGS = ("anchor_size", "lr", "lr_schedule", "penalty_weight", "fip_opti
 
 def _fip_settings(settings: dict | None) -> dict:
     """The :func:`fip_prune` settings in effect: defaults updated by ``settings``."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(_FIP_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown fip_settings {unknown}; expected some of {_FIP_SETTINGS}")
-    params = inspect.signature(fip_prune).parameters
-    out = {k: params[k].default for k in _FIP_SETTINGS}
-    out.update(settings)
-    if out["fip_options"] is None:
-        out["fip_options"] = dict(_DEFAULT_FIP_OPTIONS)
-    return out
+    return resolve_fip_settings(fip_prune, _FIP_SETTINGS, settings, _DEFAULT_FIP_OPTIONS)
 
 
 def sparsify_sweep(
