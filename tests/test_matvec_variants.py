@@ -51,7 +51,9 @@ def _output_metric_matrix(name: str, logits: torch.Tensor) -> torch.Tensor:
         return torch.eye(c, dtype=DTYPE).expand(n, c, c)
     p = torch.softmax(logits, dim=-1)
     fisher = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    return fisher if name == "fisher" else fisher / 4.0  # Bhattacharyya Hessian = Fisher / 4 (D_B ≈ dzᵀ F dz / 8)
+    return (
+        fisher if name == "fisher" else fisher / 4.0
+    )  # Bhattacharyya Hessian = Fisher / 4 (D_B ≈ dzᵀ F dz / 8)
 
 
 def _dense_metric(fn, w: torch.Tensor, output_metric: str, damping: float) -> torch.Tensor:

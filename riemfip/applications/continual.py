@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from riemfip.data import Dataset
 
+from ..records import json_record
 from .continual_methods import (
     EWC,
     ContinualMethod,
@@ -157,11 +158,7 @@ class ContinualResult:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The record as JSON text; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text + "\n")
-        return text
+        return json_record(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> ContinualResult:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..records import json_record
 from .attacks import AttackConfig, pgd, robust_accuracy
 from .classifiers import (
     Classifier,
@@ -348,12 +349,9 @@ class RobustnessResult:
             ],
         }
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as indented JSON; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The record as JSON text; also written to ``path`` when given."""
+        return json_record(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, path: str | Path) -> RobustnessResult:

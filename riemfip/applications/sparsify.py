@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from manifolds.output_metrics import get_output_metric
 
+from ..records import json_record
 from .classifiers import accuracy, minibatches, train_classifier
 from .fip_settings import resolve_fip_settings
 
@@ -265,12 +266,9 @@ class SparsifyResult:
             "rows": [asdict(r) for r in self.rows],
         }
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write :meth:`to_dict` as indented JSON; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The record as JSON text; also written to ``path`` when given."""
+        return json_record(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, path: str | Path) -> SparsifyResult:

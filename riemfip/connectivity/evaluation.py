@@ -31,7 +31,6 @@ With :math:`s_k = (t_k - t_0)/(t_{K-1} - t_0)`, per-point loss :math:`L_k` and a
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from manifolds import FlatModule, PullbackMetric, as_batches
+
+from ..records import json_record
 
 __all__ = [
     "ConnectivityReport",
@@ -252,11 +253,7 @@ class ConnectivityReport:
 
     def to_json(self, file: str | Path | None = None, *, indent: int = 2) -> str:
         """The report as JSON text; also written to ``file`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if file is not None:
-            Path(file).parent.mkdir(parents=True, exist_ok=True)
-            Path(file).write_text(text + "\n")
-        return text
+        return json_record(self.to_dict(), file, indent=indent)
 
     def table(self) -> str:
         """A plain-text table, one row per path."""

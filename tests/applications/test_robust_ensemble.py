@@ -67,7 +67,8 @@ def test_compare_ensembles_end_to_end_record(mnist_small, tmp_path):
         fip_settings={"anchor_size": 32, "attack_steps": 2},
         checkpoint_dir=tmp_path / "ckpt",
     )
-    record = json.loads(result.to_json(tmp_path / "r.json").read_text())
+    record = json.loads(result.to_json(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text()) == record
     assert record["application"] == "robust_ensemble"
     assert {r["model"] for r in record["rows"]} == {"single", "independent", "fip"}
     assert {(r["model"], r["size"]) for r in record["rows"]} == {

@@ -105,8 +105,9 @@ def test_result_round_trips_through_json(tmp_path):
         ],
         {"architecture": "toy"},
     )
-    path = res.to_json(tmp_path / "r.json")
-    data = json.loads(path.read_text())
+    path = tmp_path / "r.json"
+    data = json.loads(res.to_json(path))
+    assert json.loads(path.read_text()) == data
     assert data["application"] == "sparsify" and len(data["rows"]) == 2
     back = SparsifyResult.from_json(path)
     assert back.row("magnitude+finetune", 0.9).test_accuracy == 0.94
