@@ -14,25 +14,15 @@ Run ``python -m riemfip.quickstart --help`` for the options.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
 from torch import nn
 
 from manifolds import PullbackMetric, WeightSpace
+from riemfip.applications.classifiers import train_classifier
 from riemfip.data import mnist_subset
-
-
-def _train(net: nn.Module, x, y, *, epochs: int, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ds = mnist_subset()
     net = nn.Sequential(nn.Linear(784, args.hidden), nn.Tanh(), nn.Linear(args.hidden, 10))
-    _train(net, ds.x_train, ds.y_train, epochs=args.epochs, seed=args.seed)
+    steps_per_epoch = math.ceil(len(ds.x_train) / 64)
+    train_classifier(
+        net, ds.x_train, ds.y_train, steps=args.epochs * steps_per_epoch, seed=args.seed
+    )
 
     metric = PullbackMetric.from_module(
         net, ds.x_train[: args.anchor], output_metric="fisher", damping=1e-3, tol=1e-4, maxiter=300
