@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from riemfip.data import Dataset
 
+from ..plotting import pyplot
 from ..records import json_record
 from .continual_methods import (
     EWC,
@@ -188,13 +189,7 @@ class ContinualResult:
 
     def plot_heatmap(self, file: str | Path, *, title: str | None = None) -> Path:
         """Write the accuracy matrix as a PNG heat map (needs matplotlib) and return the path."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as err:  # pragma: no cover - matplotlib is in the test extra
-            raise ImportError('plotting needs matplotlib: pip install "riemfip[plot]"') from err
+        plt = pyplot()
         r = np.asarray(self.accuracy)
         n = r.shape[0]
         fig, ax = plt.subplots(figsize=(2.6 + 0.9 * n, 1.4 + 0.8 * n), dpi=120)

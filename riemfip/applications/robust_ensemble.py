@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..plotting import pyplot
 from ..records import json_record
 from .attacks import AttackConfig, pgd, robust_accuracy
 from .classifiers import (
@@ -381,10 +382,7 @@ class RobustnessResult:
 
     def plot(self, path: str | Path) -> Path:
         """PNG of accuracy against ε, one panel per attack (FGSM, PGD), one line per model."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         names = [a for a in ("fgsm", "pgd") if any(r.attack["name"] == a for r in self.rows)]
         ncols = max(len(names), 1)

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from manifolds.output_metrics import get_output_metric
 
+from ..plotting import pyplot
 from ..records import json_record
 from .classifiers import accuracy, minibatches, train_classifier
 from .fip_settings import resolve_fip_settings
@@ -295,10 +296,7 @@ class SparsifyResult:
 
     def plot(self, path: str | Path) -> Path:
         """PNG of test accuracy against sparsity, one line per method, dense as a reference."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in self.methods():

@@ -1,12 +1,14 @@
 """PNG of a :class:`~riemfip.connectivity.ConnectivityReport`: loss and accuracy against t.
 
-matplotlib (``pip install "riemfip[plot]"``) is imported only here, with the Agg backend, so
-nothing else in :mod:`riemfip` needs it or a display.
+matplotlib (``pip install "riemfip[plot]"``) is imported only when a plot is drawn, through
+:func:`riemfip.plotting.pyplot` (Agg backend), so nothing else needs it or a display.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from ..plotting import pyplot
 
 __all__ = ["plot_report"]
 
@@ -25,13 +27,7 @@ def plot_report(report, file: str | Path, *, title: str | None = None) -> Path:
     (geodesics) take blue, purple, cyan, ... in order. The dashed grey line in the accuracy panel is the lower
     endpoint accuracy of the first path, to read drops against.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError('plotting needs matplotlib: pip install "riemfip[plot]"') from err
+    plt = pyplot()
 
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
