@@ -116,9 +116,10 @@ def train_classifier(
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    perturb: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: bool = False,
 ) -> nn.Module:
-    """Train ``model`` in place with Adam on cross-entropy for ``steps`` minibatch steps.
+    r"""Train ``model`` in place with Adam on cross-entropy for ``steps`` minibatch steps.
 
     A module pruned with :mod:`torch.nn.utils.prune` stays pruned: its forward
     multiplies ``weight_orig`` by the mask, so masked weights stay zero.
@@ -133,6 +134,11 @@ def train_classifier(
         Optimizer steps (an epoch is ``ceil(N / batch_size)`` steps).
     lr, batch_size, seed : optional
         Adam learning rate, batch size, and the seed of :func:`minibatches`.
+    perturb : callable, optional
+        ``perturb(model, xb, yb) -> xb'``: each minibatch is replaced by what it
+        returns before the step, e.g. PGD examples against the current weights
+        (adversarial training, Madry et al. 2018:
+        :math:`\min_w \mathbb E \max_{\|\delta\|_\infty \le \varepsilon} L(w, x + \delta)`).
     progress : bool
         Show a tqdm bar.
 
@@ -150,8 +156,11 @@ def train_classifier(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batches = minibatches(len(x), batch_size, steps, seed=seed, device=x.device)
     for idx in tqdm(batches, total=steps, disable=not progress, desc="train", leave=False):
+        xb, yb = x[idx], y[idx]
+        if perturb is not None:
+            xb = perturb(model, xb, yb).detach()
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
     return model
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from riemfip.applications.attacks import AttackConfig, ensemble_loss, pgd
+from riemfip.applications.attacks import AttackConfig, ensemble_loss, pgd, robust_accuracy
 from riemfip.applications.classifiers import accuracy, mlp
 from riemfip.applications.robust_ensemble import (
     RobustnessResult,
@@ -13,6 +13,7 @@ from riemfip.applications.robust_ensemble import (
     default_attacks,
     diversification_loss,
     fip_ensemble,
+    independent_ensemble,
 )
 from riemfip.data import Dataset
 
@@ -54,6 +55,22 @@ def test_disagree_objective_ignores_inputs_where_members_are_right(trained_mlp, 
     torch.testing.assert_close(loss, expected)
 
 
+def test_adversarially_trained_members_resist_pgd(mnist_small):
+    x, y, xt, yt = mnist_small
+    train = AttackConfig.pgd(0.1, steps=3, step_size=0.04)
+    (plain,) = independent_ensemble(lambda: mlp([784, 32, 10]), x, y, size=1, steps=150, lr=3e-3)
+    (robust,) = independent_ensemble(
+        lambda: mlp([784, 32, 10]), x, y, size=1, steps=150, lr=3e-3, adversarial=train
+    )
+    # Same seed, same minibatches: the only difference is the attacked half of each batch.
+    attack = AttackConfig.pgd(0.1, steps=10, seed=5)
+    # measured: PGD accuracy 0.63 against 0.23, clean 0.88 against 0.875
+    assert robust_accuracy(robust, xt, yt, attack) > robust_accuracy(plain, xt, yt, attack) + 0.2
+    assert accuracy(robust, xt, yt) > accuracy(plain, xt, yt) - 0.05
+    with pytest.raises(TypeError, match="AttackConfig"):
+        independent_ensemble(lambda: mlp([784, 8, 10]), x, y, size=1, steps=1, adversarial=0.1)
+
+
 def test_compare_ensembles_end_to_end_record(mnist_small, tmp_path):
     x, y, xt, yt = mnist_small
     data = Dataset(x, y, xt[::2], yt[::2], 10, "mnist-small")
@@ -66,16 +83,19 @@ def test_compare_ensembles_end_to_end_record(mnist_small, tmp_path):
         attacks=default_attacks([0.1], pgd_steps=3),
         fip_settings={"anchor_size": 32, "attack_steps": 2},
         checkpoint_dir=tmp_path / "ckpt",
+        adversarial_training=AttackConfig.pgd(0.1, steps=2),
     )
     record = json.loads(result.to_json(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text()) == record
     assert record["application"] == "robust_ensemble"
-    assert {r["model"] for r in record["rows"]} == {"single", "independent", "fip"}
     assert {(r["model"], r["size"]) for r in record["rows"]} == {
         ("single", 1),
         ("independent", 2),
         ("fip", 2),
+        ("independent-adv", 2),
     }
+    assert record["config"]["adversarial_training"]["steps_per_member"] == 20
+    assert len(record["diagnostics"]["member_clean_accuracy"]["independent-adv"]) == 2
     pgd_cfg = next(a for a in record["config"]["attacks"] if a["name"] == "pgd")
     assert pgd_cfg == {
         "name": "pgd",
