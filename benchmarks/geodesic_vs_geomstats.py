@@ -272,7 +272,10 @@ def plot(rows: list[dict], file: Path) -> None:
             ds = sorted(gs_rows)
             done = [d for d in ds if gs_rows[d].get(f"{op}_seconds") is not None]
             ax.loglog(
-                done, [gs_rows[d][f"{op}_seconds"] for d in done], "s--k", label="geomstats 2.8"
+                done,
+                [gs_rows[d][f"{op}_seconds"] for d in done],
+                "s--k",
+                label=f"geomstats 2.8 ({gs_rows[ds[0]].get('backend', 'autograd')} backend)",
             )
             late = [d for d in ds if gs_rows[d].get(f"{op}_timed_out_after")]
             if late:
@@ -282,6 +285,9 @@ def plot(rows: list[dict], file: Path) -> None:
                     "^k",
                     label="geomstats: no result by then",
                 )
+        dims = sorted({r["d"] for r in rows})
+        ax.set_xticks(dims, [str(d) for d in dims])
+        ax.minorticks_off()
         ax.set_xlabel("d")
         ax.set_ylabel("seconds")
         ax.set_title(f"{op} (tanh immersion R^d -> R^(2d+4))")
