@@ -603,25 +603,36 @@ def compare_ensembles(
 
     t0 = time.perf_counter()
     train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
-    independent, _ = _members_cached(
-        ckpt and ckpt / "independent.pt",
-        make_model,
-        train_key,
-        lambda: (
-            independent_ensemble(
-                make_model,
-                data.x_train,
-                data.y_train,
-                size=size,
-                steps=train_steps,
-                lr=lr,
-                batch_size=batch_size,
-                seed=seed,
-                progress=progress,
+
+    def trained(file: str, adversarial: AttackConfig | None) -> list[nn.Module]:
+        key = (
+            train_key
+            if adversarial is None
+            else {**train_key, "adversarial": adversarial.to_dict()}
+        )
+        members, _ = _members_cached(
+            ckpt and ckpt / file,
+            make_model,
+            key,
+            lambda: (
+                independent_ensemble(
+                    make_model,
+                    data.x_train,
+                    data.y_train,
+                    size=size,
+                    steps=train_steps,
+                    lr=lr,
+                    batch_size=batch_size,
+                    seed=seed,
+                    adversarial=adversarial,
+                    progress=progress,
+                ),
+                {},
             ),
-            {},
-        ),
-    )
+        )
+        return members
+
+    independent = trained("independent.pt", None)
     seconds["independent"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -648,27 +659,7 @@ def compare_ensembles(
     classifiers = {"single": independent[0], "independent": independent, "fip": fip_members}
     if adversarial_training is not None:
         t0 = time.perf_counter()
-        adv_key = {**train_key, "adversarial": adversarial_training.to_dict()}
-        classifiers["independent-adv"], _ = _members_cached(
-            ckpt and ckpt / "independent_adversarial.pt",
-            make_model,
-            adv_key,
-            lambda: (
-                independent_ensemble(
-                    make_model,
-                    data.x_train,
-                    data.y_train,
-                    size=size,
-                    steps=train_steps,
-                    lr=lr,
-                    batch_size=batch_size,
-                    seed=seed,
-                    adversarial=adversarial_training,
-                    progress=progress,
-                ),
-                {},
-            ),
-        )
+        classifiers["independent-adv"] = trained("independent_adversarial.pt", adversarial_training)
         seconds["independent_adversarial"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
