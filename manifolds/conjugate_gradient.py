@@ -95,7 +95,9 @@ def conjugate_gradient(
     b : torch.Tensor
         Right-hand side, 1-D.
     x0 : torch.Tensor, optional
-        Warm start (default zero).
+        Warm start (default zero). One used only if it is better than zero: when
+        :math:`\|b - A x_0\| \ge \|b\|` (or is not finite, e.g. a float32 product
+        that overflowed) CG starts from zero instead, having spent one product.
     tol : float, optional
         Relative residual tolerance (default :func:`default_tolerance`).
     maxiter : int, optional
@@ -121,6 +123,10 @@ def conjugate_gradient(
         x = x0.clone()
         r = b - matvec(x)
         its = 1
+        rnorm = float(torch.linalg.vector_norm(r))
+        if not rnorm < bnorm:  # worse than zero, or NaN/Inf: a stale guess would only cost
+            x.zero_()
+            r = b.clone()
     p = r.clone()
     rr = torch.dot(r, r)
     res = float(rr.sqrt()) / bnorm

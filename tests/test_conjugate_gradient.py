@@ -1,0 +1,50 @@
+"""Conjugate gradients: solutions against dense solves, warm starts good and bad."""
+
+import torch
+
+from manifolds.conjugate_gradient import conjugate_gradient
+
+DT = torch.float64
+
+
+def _spd(n: int, cond: float, seed: int = 0, dtype=DT) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=DT))
+    evals = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=DT)
+    return ((q * evals) @ q.T).to(dtype)
+
+
+def test_solves_spd_system_to_tolerance():
+    a = _spd(30, 1e3)
+    b = torch.randn(30, dtype=DT, generator=torch.Generator().manual_seed(1))
+    res = conjugate_gradient(lambda v: a @ v, b, tol=1e-12)
+    assert res.converged and res.method == "cg"
+    torch.testing.assert_close(res.x, torch.linalg.solve(a, b), rtol=1e-9, atol=1e-9)
+    assert res.residual <= 1e-12
+    assert float((b - a @ res.x).norm() / b.norm()) < 1e-11
+
+
+def test_exact_warm_start_costs_one_product():
+    a = _spd(20, 1e2)
+    x = torch.randn(20, dtype=DT, generator=torch.Generator().manual_seed(2))
+    res = conjugate_gradient(lambda v: a @ v, a @ x, x0=x.clone(), tol=1e-10)
+    assert res.converged and res.iterations == 1
+    torch.testing.assert_close(res.x, x)
+
+
+def test_warm_start_worse_than_zero_is_dropped():
+    a = _spd(20, 1e2, dtype=torch.float32)
+    b = torch.randn(20, generator=torch.Generator().manual_seed(3))
+    cold = conjugate_gradient(lambda v: a @ v, b, tol=1e-5)
+    for bad in (-1e3 * torch.linalg.solve(a, b), torch.full((20,), 1e38)):  # the second overflows
+        warm = conjugate_gradient(lambda v: a @ v, b, x0=bad, tol=1e-5)
+        assert warm.converged and torch.isfinite(warm.x).all()
+        assert warm.iterations == cold.iterations + 1  # one product to judge the guess
+        torch.testing.assert_close(warm.x, cold.x)
+
+
+def test_singular_operator_gives_minimum_norm_solution():
+    j = torch.randn(3, 8, dtype=DT, generator=torch.Generator().manual_seed(4))
+    b = j.T @ torch.randn(3, dtype=DT, generator=torch.Generator().manual_seed(5))  # in range
+    res = conjugate_gradient(lambda v: j.T @ (j @ v), b, tol=1e-12)
+    torch.testing.assert_close(res.x, torch.linalg.pinv(j.T @ j) @ b, rtol=1e-8, atol=1e-8)
