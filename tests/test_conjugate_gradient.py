@@ -48,3 +48,15 @@ def test_singular_operator_gives_minimum_norm_solution():
     b = j.T @ torch.randn(3, dtype=DT, generator=torch.Generator().manual_seed(5))  # in range
     res = conjugate_gradient(lambda v: j.T @ (j @ v), b, tol=1e-12)
     torch.testing.assert_close(res.x, torch.linalg.pinv(j.T @ j) @ b, rtol=1e-8, atol=1e-8)
+
+
+def test_reported_residual_is_the_true_one_in_float32():
+    # Ill-conditioned float32 system: the recursive residual falls below tol (measured
+    # 9.6e-6) while b - A x is 2.9e-4; what is reported must be the true residual.
+    a = _spd(200, 1e4, seed=6, dtype=torch.float32)
+    b = torch.randn(200, generator=torch.Generator().manual_seed(7))
+    res = conjugate_gradient(lambda v: a @ v, b, tol=1e-5, maxiter=2000)
+    true = float((b.double() - a.double() @ res.x.double()).norm() / b.double().norm())
+    # (b - A x in float32 itself carries rounding: agreement within 2x, not 30x)
+    assert true / 2 < res.residual < 2 * true
+    assert res.converged == (true <= 1e-5)
