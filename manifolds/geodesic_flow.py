@@ -111,6 +111,13 @@ def integrate_geodesic(
 
     def accel(x, u):
         nonlocal acc_prev, n_solves, worst
+        # A flow that has blown up stops here with FloatingPointError (what callers such
+        # as shooting catch), not deeper down with the metric's ValueError for bad input.
+        if not (bool(torch.isfinite(x.sum())) and bool(torch.isfinite(u.sum()))):
+            raise FloatingPointError(
+                "geodesic integration produced non-finite weights or velocities; "
+                "reduce |v0| or raise steps/damping"
+            )
         res = metric._acceleration(x, u, method, None, None, acc_prev)
         acc_prev = res.x
         n_solves += 1

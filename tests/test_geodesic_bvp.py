@@ -252,3 +252,29 @@ def test_shoot_checkpoint_and_resume(sphere_metric, sphere_path):
     assert resumed.converged and resumed.metadata["init"] == "v0"
     assert resumed.iterations < ref.iterations
     torch.testing.assert_close(resumed.v0, ref.v0, rtol=1e-9, atol=1e-9)
+
+
+def _hemisphere(w):
+    """The upper unit hemisphere as a graph: a chart that ends at the unit circle."""
+    return torch.cat([w, torch.sqrt(1 - w.dot(w)).reshape(1)])
+
+
+@pytest.mark.filterwarnings("ignore::manifolds.validation.ConvergenceWarning")
+@pytest.mark.parametrize("v0", [[4.0, 0.0], [2.0, 0.3]])
+def test_shoot_whose_flow_leaves_the_chart_says_so(v0):
+    # From the pole, a geodesic of length > pi/2 crosses the equator, where the chart
+    # (and the flow) breaks down: an answer with its failure, never an exception.
+    metric = PullbackMetric(_hemisphere)
+    w0, w1 = torch.zeros(2, dtype=DT), torch.tensor([0.5, 0.0], dtype=DT)
+    v0 = torch.tensor(v0, dtype=DT)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        WeightSpace(metric, expmap_steps=16).expmap(w0, v0)
+    for jacobian in ("dense", "krylov"):
+        path = shoot(metric, w0, w1, v0=v0, steps=16, maxiter=3, jacobian=jacobian)
+        assert not path.converged and path.residual == math.inf
+        assert "blew up" in path.message
+        with pytest.raises(NotConvergedError):
+            path.raise_if_failed()
+    # From a start inside the chart the same problem converges.
+    path = shoot(metric, w0, w1, steps=16)
+    assert path.converged and abs(path.length - math.asin(0.5)) < 1e-6

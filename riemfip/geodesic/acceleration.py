@@ -46,10 +46,16 @@ def functional_acceleration(metric, w: torch.Tensor, v: torch.Tensor) -> torch.T
     jac, h = ju[:n].T, huv[n]
     m = jac.shape[0]
     lam = metric.damping
+    # LAPACK must not see NaN/Inf (lstsq aborts with an internal error on them, which
+    # would end a shooting solve whose trial flow blew up). Solve with finite stand-ins
+    # and let the non-finite values through to the answer instead, where the flow's
+    # own check reports them; no data-dependent branch, so this stays vmap-able.
+    poison = 0.0 * (jac.sum() + h.sum())
+    jac, h = torch.nan_to_num(jac, 0.0, 0.0, 0.0), torch.nan_to_num(h, 0.0, 0.0, 0.0)
     if n <= m or lam == 0.0:
         g = jac.T @ jac
         if lam:
             g = g + lam * torch.eye(n, dtype=w.dtype, device=w.device)
-        return -torch.linalg.lstsq(g, (jac.T @ h).unsqueeze(-1)).solution.squeeze(-1)
+        return poison - torch.linalg.lstsq(g, (jac.T @ h).unsqueeze(-1)).solution.squeeze(-1)
     k = jac @ jac.T + lam * torch.eye(m, dtype=w.dtype, device=w.device)
-    return -jac.T @ torch.linalg.solve(k, h)
+    return poison - jac.T @ torch.linalg.solve(k, h)

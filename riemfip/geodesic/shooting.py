@@ -220,11 +220,17 @@ def shoot(
                 eta_prev = eta
                 delta, lin = problem.krylov_step(z, r, eta, krylov_maxiter)
             alpha, z_new, r_new, rnorm_new = 1.0, None, None, math.inf
+            blew_up = False
             for _ in range(11 if line_search else 1):
                 z_try = z + alpha * delta
-                r_try = problem.residual(z_try)
-                rn_try = _norm(r_try)
-                if rn_try <= (1 - 1e-4 * alpha) * rnorm or not line_search:
+                try:
+                    r_try = problem.residual(z_try)
+                    rn_try = _norm(r_try)
+                except FloatingPointError:  # a trial flow that blows up is a step too long
+                    r_try, rn_try, blew_up = None, math.inf, True
+                if math.isfinite(rn_try) and (
+                    rn_try <= (1 - 1e-4 * alpha) * rnorm or not line_search
+                ):
                     z_new, r_new, rnorm_new = z_try, r_try, rn_try
                     break
                 alpha *= 0.5
@@ -236,7 +242,9 @@ def shoot(
             if z_new is None:
                 message = (
                     "line search failed: no step along the Newton direction reduced the "
-                    "residual; try init='relax', more segments or more steps"
+                    "residual"
+                    + (" (trial flows blew up)" if blew_up else "")
+                    + "; try init='relax', more segments or more steps"
                 )
                 break
             rnorm_prev = rnorm
@@ -252,7 +260,10 @@ def shoot(
 
     # ------------------------------------------------------------ the answer
     v_final = problem.initial_velocity(z)
-    path = _path_from_velocity(metric, w0, w1, v_final, steps, solver, tol, start)
+    try:
+        path = _path_from_velocity(metric, w0, w1, v_final, steps, solver, tol, start)
+    except FloatingPointError as exc:
+        path = _blown_up_path(w0, v_final, tol, exc)
     path.iterations = iterations
     path.metadata.update(meta)
     path.metadata.update(
@@ -307,6 +318,27 @@ def _path_from_velocity(metric, w0, w1, v0, steps, solver, tol, start) -> Geodes
             "max_solve_residual": traj.max_solve_residual,
             "relative_residual": residual / max(_norm(w1 - w0), 1e-300),
         },
+    )
+
+
+def _blown_up_path(w0, v0, tol, exc) -> GeodesicPath:
+    """The answer when the flow from the final ``v0`` is not finite: ``w0`` and NaN at
+    :math:`t = 1`, infinite residual, not converged (never a made-up path)."""
+    nan = torch.full_like(w0, math.nan)
+    return GeodesicPath(
+        t=torch.tensor([0.0, 1.0], dtype=w0.dtype, device=w0.device),
+        points=torch.stack([w0, nan]),
+        velocities=torch.stack([v0, nan]),
+        v0=v0.detach().clone(),
+        length=math.nan,
+        energy=math.nan,
+        residual=math.inf,
+        tol=tol,
+        converged=False,
+        message=f"the flow from v0 blew up ({exc})",
+        iterations=0,
+        method="shoot",
+        metadata={"relative_residual": math.inf},
     )
 
 
