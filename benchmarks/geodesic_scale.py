@@ -267,7 +267,9 @@ def time_operations(metric, net, w, v, x, y, repeats: int) -> dict:
     """Median wall time of one loss forward+backward, one ``matvec`` and one ``acceleration``.
 
     Rows run interleaved, ``repeats`` times after one warm-up round; ratios are
-    medians of the per-repeat ratios to the loss step on the same anchor batch.
+    medians of the per-repeat ratios to the loss step on the same anchor batch,
+    by wall clock and by process CPU time (steadier on a shared machine with one
+    thread).
     The acceleration is timed cold (no warm start), as the first solve of a flow.
     """
     net = net.to(w.dtype)
@@ -286,21 +288,29 @@ def time_operations(metric, net, w, v, x, y, repeats: int) -> dict:
     rows = {"loss_forward_backward": loss_step, "matvec": lambda: metric.matvec(w, v)}
     rows["acceleration"] = accel
     times: dict[str, list[float]] = {k: [] for k in rows}
+    cpu: dict[str, list[float]] = {k: [] for k in rows}
     for r in range(repeats + 1):
         for name, fn in rows.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             if r:
                 times[name].append(time.perf_counter() - t0)
-    ref = times["loss_forward_backward"]
+                cpu[name].append(time.process_time() - c0)
+
+    def ratios(table):
+        ref = table["loss_forward_backward"]
+        return {
+            k: statistics.median(a / b for a, b in zip(t, ref, strict=True))
+            for k, t in table.items()
+        }
+
     out = {
         "repeats": repeats,
         "batch": len(x),
         "seconds": {k: statistics.median(t) for k, t in times.items()},
-        "ratio_to_loss_step": {
-            k: statistics.median(a / b for a, b in zip(t, ref, strict=True))
-            for k, t in times.items()
-        },
+        "ratio_to_loss_step": ratios(times),
+        "cpu_seconds": {k: statistics.median(t) for k, t in cpu.items()},
+        "cpu_ratio_to_loss_step": ratios(cpu),
         "acceleration_cg_iterations": info["res"].iterations,
         "acceleration_residual": info["res"].residual,
         "acceleration_method": info["res"].method,
@@ -472,6 +482,7 @@ def main(argv=None) -> int:
         report["relax"]["length_line"] = line.length
         report["relax"]["energy_line"] = line.energy
     print("relax", report["relax"], flush=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     if args.skip_shoot:
@@ -479,6 +490,11 @@ def main(argv=None) -> int:
 
     ckpt = args.cache / f"{tag}shoot_v0_{args.dtype}_{args.anchors}_{args.damping}_{args.steps}.pt"
     resumed = bool(args.resume and ckpt.exists())
+    earlier_shoots = []
+    if resumed and args.model == "vgg11" and previous.get("shoot"):
+        keep = ("seconds", "iterations", "flows", "residual", "defect_history", "converged")
+        prev = previous["shoot"]
+        earlier_shoots = prev.get("earlier_runs", []) + [{k: prev.get(k) for k in keep}]
     v_start = torch.load(ckpt, weights_only=True) if resumed else rpath.v0
     t0, c0 = time.perf_counter(), time.process_time()
     path = shoot(
@@ -514,6 +530,13 @@ def main(argv=None) -> int:
         "resumed": resumed,
     }
     if args.model == "vgg11":
+        report["shoot"]["earlier_runs"] = earlier_shoots
+        report["shoot"]["total_seconds_all_runs"] = report["shoot"]["seconds"] + sum(
+            r["seconds"] for r in earlier_shoots
+        )
+        report["shoot"]["total_iterations_all_runs"] = path.iterations + sum(
+            r["iterations"] for r in earlier_shoots
+        )
         report["shoot"]["energy"] = path.energy
         report["shoot"]["max_solve_residual"] = path.metadata["max_solve_residual"]
         report["shoot"]["endpoint_test_accuracy"] = acc(path.points[-1])
