@@ -27,7 +27,7 @@ from torch.func import functional_call
 from manifolds.flat import training_mode
 from manifolds.pullback import as_batches
 
-__all__ = ["Anchor", "GroupFunction", "GaussianNoise", "holdout_mask"]
+__all__ = ["Anchor", "GroupFunction", "GaussianNoise", "NeighbourNoise", "holdout_mask"]
 
 
 def holdout_mask(n: int, fraction: float) -> torch.Tensor:
@@ -62,6 +62,68 @@ class GaussianNoise:
 
     def __repr__(self) -> str:
         return f"GaussianNoise(std={self.std})"
+
+
+class NeighbourNoise:
+    r"""Anchor transform along the data's local directions, estimated from the anchors'
+    nearest neighbours.
+
+    .. math::
+
+        x \mapsto x + \frac{s}{\sqrt k} \sum_{j \in \mathcal N_k(x)} \xi_j\,(x_j - x)
+              + \sigma\,\zeta, \qquad \xi \sim \mathcal N(0, I_k),\;
+              \zeta \sim \mathcal N(0, I),
+
+    :math:`\mathcal N_k(x)` the :math:`k` stored inputs nearest to :math:`x` (Euclidean,
+    :math:`x` itself excluded). The first term is a Gaussian whose covariance is
+    :math:`s^2` times the local second moment of the neighbours about :math:`x`: it
+    spreads each anchor along the directions in which nearby stored inputs differ
+    from it (for images of one digit, its writing variations), so that the metric
+    pulled back from these points protects the old task's data manifold around the
+    anchor rather than an isotropic ball (:class:`GaussianNoise`, the second term,
+    :math:`\sigma` = ``std``), most of whose directions no old input takes. Needs no
+    labels.
+
+    Parameters
+    ----------
+    inputs : torch.Tensor
+        The stored inputs neighbours are drawn from (usually all anchor inputs), ``(N, ...)``.
+    k : int
+        Neighbours per anchor, ``1 <= k < N``.
+    scale : float
+        :math:`s \ge 0`.
+    std : float
+        :math:`\sigma \ge 0`, isotropic noise added after.
+    """
+
+    def __init__(self, inputs: torch.Tensor, k: int = 5, scale: float = 0.5, std: float = 0.0):
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
+            raise TypeError("inputs must be a tensor of shape (N, ...)")
+        k, scale, std = int(k), float(scale), float(std)
+        if not 1 <= k < len(inputs):
+            raise ValueError(f"k must be in [1, {len(inputs) - 1}], got {k}")
+        if not (scale >= 0 and std >= 0):
+            raise ValueError(f"scale and std must be >= 0, got {scale} and {std}")
+        self.inputs = inputs.detach().reshape(len(inputs), -1)
+        self.k, self.scale, self.std = k, scale, std
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        flat = x.reshape(len(x), -1)
+        stored = self.inputs.to(device=x.device, dtype=x.dtype)
+        dist = torch.cdist(flat, stored)
+        # k + 1 nearest, the nearest (x itself when x is stored) dropped
+        near = dist.topk(self.k + 1, dim=1, largest=False).indices[:, 1:]
+        xi = torch.randn(len(x), self.k, generator=generator, dtype=x.dtype, device=x.device)
+        step = torch.einsum("bk,bkd->bd", xi, stored[near] - flat[:, None])
+        out = flat + (self.scale / self.k**0.5) * step
+        if self.std > 0:
+            out = out + self.std * torch.randn(
+                out.shape, generator=generator, dtype=x.dtype, device=x.device
+            )
+        return out.reshape(x.shape)
+
+    def __repr__(self) -> str:
+        return f"NeighbourNoise(k={self.k}, scale={self.scale}, std={self.std})"
 
 
 class GroupFunction:

@@ -235,8 +235,14 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         fit anchors, scored by a frozen copy of the weights, so the path keeps the
         outputs on a neighbourhood of each anchor rather than on the points alone.
         Needs no labels. Drift is still measured on the untransformed held-out anchors.
+    anchor_batch : int, optional
+        Fit anchors used per step (``None``: all). The fit anchors are visited in
+        rotating random order, ``anchor_batch`` at a time, so each step solves with an
+        :math:`m = ` ``anchor_batch`` :math:`\times C` system instead of the whole anchor's;
+        every anchor is visited once per ``N / anchor_batch`` steps.
     seed : int
-        Seed of the transform's generator (saved in ``state_dict``).
+        Seed of the generator of the transform and of the anchor order (saved in
+        ``state_dict``).
     solver : {"auto", "exact", "pcg"}
         How each step solves with the current metric: ``"exact"`` builds
         :math:`JJ^\top` from layer inputs and output gradients
@@ -302,6 +308,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         holdout_inputs: torch.Tensor | Iterable | None = None,
         holdout_fraction: float = 0.2,
         anchor_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        anchor_batch: int | None = None,
         seed: int = 0,
         solver: str = "auto",
         solve_tol: float = 1e-3,
@@ -364,13 +371,27 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         self._frozen_weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         self._generator = torch.Generator(device=self.anchor.fit_inputs.device)
         self._generator.manual_seed(int(seed))
+        self.anchor_batch = (
+            None
+            if anchor_batch is None
+            else int(_check_number("anchor_batch", anchor_batch, low=1))
+        )
+        self._order = torch.zeros(0, dtype=torch.long)
 
     def _fit_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Fit anchor inputs for this step and their frozen outputs ``(x, y0)``: the stored
-        ones, or a fresh ``anchor_transform`` of them scored by the frozen network."""
-        x = self.anchor.fit_inputs
+        ones (or the next ``anchor_batch`` of them), or a fresh ``anchor_transform`` of them
+        scored by the frozen network."""
+        x, y0 = self.anchor.fit_inputs, self.anchor.fit_outputs
+        if self.anchor_batch is not None and self.anchor_batch < len(x):
+            if len(self._order) < self.anchor_batch:  # start a new pass over the anchors
+                perm = torch.randperm(len(x), generator=self._generator, device=x.device)
+                self._order = torch.cat([self._order, perm.cpu()])
+            idx, self._order = self._order[: self.anchor_batch], self._order[self.anchor_batch :]
+            idx = idx.to(x.device)
+            x, y0 = x[idx], y0[idx]
         if self.anchor_transform is None:
-            return x, self.anchor.fit_outputs
+            return x, y0
         xt = self.anchor_transform(x, self._generator)
         if not isinstance(xt, torch.Tensor) or xt.shape != x.shape:
             raise ValueError(
@@ -408,6 +429,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             "holdout_outputs": self.anchor.holdout_outputs.clone(),
             "frozen_weights": self._frozen_weights.clone(),
             "generator": self._generator.get_state(),
+            "order": self._order.clone(),
         }
         return out
 
@@ -434,6 +456,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
                 fw = anchor["frozen_weights"]
                 self._frozen_weights = fw.to(self._frozen_weights).clone()
                 self._generator.set_state(anchor["generator"].cpu())
+                self._order = anchor.get("order", torch.zeros(0, dtype=torch.long)).clone()
         super().load_state_dict(state_dict)
         self._spectra.clear()
 
@@ -470,13 +493,17 @@ class FIP(OptimMixin, torch.optim.Optimizer):
                 continue
             if g.is_sparse:
                 raise RuntimeError(f"FIP does not support sparse gradients ({name})")
-            if not bool(torch.isfinite(g).all()):
-                raise ValueError(
-                    f"the gradient of {name} contains NaN or Inf (a NaN or infinite loss?); "
-                    "FIP refuses to step"
-                )
             flat.append(g.reshape(-1))
-        return torch.cat(flat)
+        flat = torch.cat(flat)
+        # A finite sum means finite terms (one reduction instead of a check per parameter).
+        if not bool(torch.isfinite(flat.sum())):
+            for g, name in zip(grads, names, strict=True):
+                if g is not None and not bool(torch.isfinite(g).all()):
+                    raise ValueError(
+                        f"the gradient of {name} contains NaN or Inf (a NaN or infinite loss?); "
+                        "FIP refuses to step"
+                    )
+        return flat
 
     def _spectrum(self, gi: int, group: dict, w: torch.Tensor, state: dict) -> AnchorSpectrum:
         every = group["refresh_every"]
@@ -525,7 +552,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             return embedded_outputs(self.output_metric, fn(v, x))
 
         plan = self._plans[gi] if group["solver"] != "pcg" else None
-        built = plan(self.output_metric, w, x) if plan is not None else None
+        built = plan.jacobian(self.output_metric, w, x) if plan is not None else None
         if built is None:
             if group["solver"] == "exact":
                 raise ValueError(
@@ -548,12 +575,12 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             _, vjp_fn = torch.func.vjp(embed, w)
             pulled_back = torch.cat([solve.pulled_back, vjp_fn(residual)[0][None]])
             return pulled_back, residual, spectrum.rank, solve.iterations
-        gram, emb = built
+        gram, emb = built.gram(), built.embedded
         m = gram.shape[0]
         if "damping" not in state:  # fixed at the first step: one metric per run
             state["damping"] = group["damping"] * float(gram.diagonal().sum()) / m
         residual = emb - target
-        _, jvp_grad = torch.func.jvp(embed, (w,), (grad,))
+        jvp_grad = built.jvp(grad[None])[0]
         shifted = gram + state["damping"] * torch.eye(m, dtype=gram.dtype, device=gram.device)
         chol, info = torch.linalg.cholesky_ex(shifted)
         rhs = torch.stack([jvp_grad, residual], dim=1)
@@ -561,8 +588,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             z = torch.cholesky_solve(rhs, chol).T
         else:  # lost definiteness to rounding: fall back to a least-squares solve
             z = torch.linalg.lstsq(shifted, rhs).solution.T
-        _, vjp_fn = torch.func.vjp(embed, w)
-        pulled_back = torch.func.vmap(lambda u: vjp_fn(u)[0])(torch.cat([z, residual[None]]))
+        pulled_back = built.vjp(torch.cat([z, residual[None]]))
         return pulled_back, residual, 0, 0
 
     def _penalty_gradient(self, gi: int, w: torch.Tensor) -> torch.Tensor:

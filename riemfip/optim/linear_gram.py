@@ -1,20 +1,28 @@
-r"""The exact output Gram matrix :math:`K = JJ^\top` of networks built from ``nn.Linear`` layers.
+r"""The exact output Jacobian of networks built from ``nn.Linear`` layers, in factored form.
 
 When every weight being moved belongs to an :class:`torch.nn.Linear` layer that is
-applied once, to inputs of shape ``(N, d_in)``, the Jacobian of embedded output
+applied once, to inputs of shape ``(N, d_in)``, the Jacobian row of embedded output
 :math:`F_{bc}` with respect to layer :math:`l`'s weights is the outer product
 :math:`\delta^l_{bc} \otimes a^l_b` (the gradient of :math:`F_{bc}` with respect to
-the layer's output, times the layer's input on sample :math:`b`), so
+the layer's output, times the layer's input on sample :math:`b`), and
+:math:`\delta^l_{bc}` with respect to its bias. One forward pass (which records
+:math:`a^l`) and one batched backward pass over the :math:`C` output units (which
+gives :math:`\delta^l`) therefore hold all of :math:`J` in factored form
+(:class:`LinearJacobian`), from which
 
 .. math::
 
-    K_{(b,c),(b',c')} = \sum_l \big(\delta^l_{bc}\cdot\delta^l_{b'c'}\big)
-        \big(\underbrace{a^l_b \cdot a^l_{b'}}_{\text{weight}} + \underbrace{1}_{\text{bias}}\big).
+    K_{(b,c),(b',c')} &= \sum_l \big(\delta^l_{bc}\cdot\delta^l_{b'c'}\big)
+        \big(\underbrace{a^l_b \cdot a^l_{b'}}_{\text{weight}}
+        + \underbrace{1}_{\text{bias}}\big), \\
+    (Jv)_{bc} &= \sum_l \delta^l_{bc} \cdot \big(V_l\, a^l_b + v_l\big), \qquad
+    J^\top z = \Big(\textstyle\sum_{b} e^l_b \otimes a^l_b,\; \sum_b e^l_b\Big)_l,
+    \quad e^l_b = \textstyle\sum_c z_{bc}\, \delta^l_{bc},
 
-This costs one forward pass and :math:`C` backward passes over the anchor batch plus
-products of :math:`m \times d_{\text{out}}` matrices, instead of :math:`m` Jacobian-vector
-products over the batch (:func:`~riemfip.optim.output_solve.anchor_spectrum`): cheap
-enough to rebuild :math:`K` at every step, so each FIP step can solve with the exact
+(:math:`V_l, v_l` the weight and bias parts of :math:`v`) are products of small
+dense matrices: no further pass through the network. :math:`K` costs
+:math:`O(m^2 \sum_l d^l_{\text{out}})` for :math:`m = NC`, cheap enough to rebuild at
+every step for a few hundred anchors, so each FIP step can solve with the exact
 current metric by a Cholesky factorization.
 """
 
@@ -29,22 +37,93 @@ from manifolds.output_metrics import OutputMetric
 
 from .anchor import GroupFunction
 
-__all__ = ["LinearGram", "linear_gram_plan"]
+__all__ = ["LinearGram", "LinearJacobian", "linear_gram_plan"]
+
+
+class LinearJacobian:
+    r""":math:`J = \partial F/\partial w` at one point, held as layer inputs and output gradients.
+
+    Attributes
+    ----------
+    embedded : torch.Tensor
+        :math:`F(w)`, flat, length :math:`m = NC` (sample-major).
+    samples, width : int
+        :math:`N` and :math:`C`.
+    """
+
+    def __init__(self, embedded, inputs, deltas, slots, numel):
+        self.embedded = embedded
+        self.samples, self.width = deltas[0].shape[1], deltas[0].shape[0]
+        self._inputs = inputs  # per layer: a^l, (N, d_in)
+        self._deltas = deltas  # per layer: delta^l, (C, N, d_out)
+        self._slots = slots  # per layer: (weight offset or None, bias offset or None)
+        self._numel = numel
+
+    def gram(self) -> torch.Tensor:
+        r""":math:`K = JJ^\top`, shape ``(m, m)``, rows and columns ordered ``(b, c)``."""
+        n, c = self.samples, self.width
+        m = n * c
+        gram = torch.zeros(n, c, n, c, dtype=self.embedded.dtype, device=self.embedded.device)
+        for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
+            rows = d.permute(1, 0, 2).reshape(m, -1)
+            dd = (rows @ rows.T).view(n, c, n, c)
+            if w_at is not None:
+                factor = a @ a.T
+                if b_at is not None:
+                    factor = factor + 1.0
+                gram += dd * factor[:, None, :, None]
+            else:
+                gram += dd
+        gram = gram.view(m, m)
+        return 0.5 * (gram + gram.T)
+
+    def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        r""":math:`J v` for flat tangents ``v`` of shape ``(k, n)``; returns ``(k, m)``."""
+        k = v.shape[0]
+        out = torch.zeros(k, self.samples, self.width, dtype=v.dtype, device=v.device)
+        for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
+            d_out, d_in = d.shape[2], a.shape[1]
+            u = torch.zeros(k, self.samples, d_out, dtype=v.dtype, device=v.device)
+            if w_at is not None:
+                vw = v[:, w_at : w_at + d_out * d_in].reshape(k, d_out, d_in)
+                u = u + torch.einsum("bi,koi->kbo", a, vw)
+            if b_at is not None:
+                u = u + v[:, None, b_at : b_at + d_out]
+            out += torch.einsum("cbo,kbo->kbc", d, u)
+        return out.reshape(k, -1)
+
+    def vjp(self, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`J^\top z` for output-space vectors ``z`` of shape ``(k, m)``; returns ``(k, n)``."""
+        k = z.shape[0]
+        zz = z.reshape(k, self.samples, self.width)
+        out = torch.zeros(k, self._numel, dtype=z.dtype, device=z.device)
+        for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
+            e = torch.einsum("kbc,cbo->kbo", zz, d)
+            d_out, d_in = d.shape[2], a.shape[1]
+            if w_at is not None:
+                out[:, w_at : w_at + d_out * d_in] = torch.einsum("kbo,bi->koi", e, a).reshape(
+                    k, -1
+                )
+            if b_at is not None:
+                out[:, b_at : b_at + d_out] = e.sum(1)
+        return out
 
 
 class LinearGram:
-    r"""Builds :math:`K = JJ^\top` at given weights for a group of ``nn.Linear`` parameters.
+    r"""Builds the factored :math:`J` (:class:`LinearJacobian`) of a group of ``nn.Linear``
+    parameters at given weights.
 
     Use :func:`linear_gram_plan` to get one (``None`` when the group has other parameters).
     """
 
-    def __init__(self, fn: GroupFunction, layers: list[tuple[nn.Linear, bool, bool]]):
+    def __init__(self, fn: GroupFunction, layers: list[tuple[nn.Linear, int | None, int | None]]):
         self.fn = fn
-        self.layers = layers  # (module, weight in group, bias in group)
+        self.layers = layers  # (module, flat offset of its weight or None, of its bias or None)
 
-    def __call__(self, metric: OutputMetric, w: torch.Tensor, x: torch.Tensor):
-        r""":math:`K` (``(m, m)``) and :math:`F(w)` (flat), or ``None`` if the forward pass does
-        not apply each layer exactly once to 2-D inputs."""
+    def jacobian(self, metric: OutputMetric, w: torch.Tensor, x: torch.Tensor):
+        r""":math:`J` at ``w`` on inputs ``x`` (embedded outputs scaled by
+        :math:`N^{-1/2}`), or ``None`` if the forward pass does not apply each layer
+        exactly once to 2-D inputs."""
         captured: dict[nn.Module, list] = {mod: [] for mod, _, _ in self.layers}
 
         def hook(mod, inputs, output):
@@ -64,27 +143,26 @@ class LinearGram:
             return None
         width = emb.shape[-1]
         outs = [captured[mod][0][1] for mod, _, _ in self.layers]
-        deltas = [torch.zeros(width, *z.shape, dtype=z.dtype, device=z.device) for z in outs]
-        for c in range(width):
-            with torch.enable_grad():
-                total = emb[:, c].sum()
-            grads = torch.autograd.grad(total, outs, retain_graph=c < width - 1, allow_unused=True)
-            for d, g in zip(deltas, grads, strict=True):
-                if g is not None:
-                    d[c] = g
-        m = n * width
-        gram = torch.zeros(n, width, n, width, dtype=w.dtype, device=w.device)
-        for (mod, has_w, has_b), d in zip(self.layers, deltas, strict=True):
-            rows = d.permute(1, 0, 2).reshape(m, -1)  # (b, c) row order
-            dd = (rows @ rows.T).view(n, width, n, width)
-            if has_w:
-                a = captured[mod][0][0]
-                factor = a @ a.T + 1.0 if has_b else a @ a.T
-                gram += dd * factor[:, None, :, None]
-            else:
-                gram += dd
-        gram = gram.view(m, m)
-        return 0.5 * (gram + gram.T), emb.detach().reshape(-1)
+        # One backward pass per output unit c, batched: delta^l_{bc} = d F_{bc} / d z^l_b
+        # (samples do not interact in eval mode, so summing over b separates them).
+        eye = torch.eye(width, dtype=emb.dtype, device=emb.device)
+        cotangents = eye[:, None, :].expand(width, n, width)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                emb, outs, cotangents, is_grads_batched=True, allow_unused=True
+            )
+        deltas = [
+            torch.zeros(width, *z.shape, dtype=z.dtype, device=z.device) if g is None else g
+            for g, z in zip(grads, outs, strict=True)
+        ]
+        inputs = [captured[mod][0][0] for mod, _, _ in self.layers]
+        slots = [(w_at, b_at) for _, w_at, b_at in self.layers]
+        return LinearJacobian(emb.detach().reshape(-1), inputs, deltas, slots, self.fn.dim)
+
+    def __call__(self, metric: OutputMetric, w: torch.Tensor, x: torch.Tensor):
+        r""":math:`K` (``(m, m)``) and :math:`F(w)` (flat), or ``None`` (see :meth:`jacobian`)."""
+        jac = self.jacobian(metric, w, x)
+        return None if jac is None else (jac.gram(), jac.embedded)
 
 
 def linear_gram_plan(model: nn.Module, fn: GroupFunction) -> LinearGram | None:
@@ -97,11 +175,13 @@ def linear_gram_plan(model: nn.Module, fn: GroupFunction) -> LinearGram | None:
                 if p is not None:
                     owner[id(p)] = (mod, kind)
     params = dict(model.named_parameters())
-    layers: dict[nn.Module, list[bool]] = {}
-    for name in fn.names:
+    layers: dict[nn.Module, list[int | None]] = {}
+    offset = 0
+    for name, numel in zip(fn.names, fn.numels, strict=True):
         hit = owner.get(id(params[name]))
         if hit is None:
             return None
-        flags = layers.setdefault(hit[0], [False, False])
-        flags[0 if hit[1] == "weight" else 1] = True
-    return LinearGram(fn, [(mod, fw, fb) for mod, (fw, fb) in layers.items()])
+        slots = layers.setdefault(hit[0], [None, None])
+        slots[0 if hit[1] == "weight" else 1] = offset
+        offset += numel
+    return LinearGram(fn, [(mod, w_at, b_at) for mod, (w_at, b_at) in layers.items()])
