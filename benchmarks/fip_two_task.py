@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from riemfip.data import mnist_subset
-from riemfip.optim import FIP, GaussianNoise
+from riemfip.optim import FIP, GaussianNoise, NeighbourNoise
 
 
 def mlp() -> nn.Module:
@@ -45,24 +45,31 @@ def mlp() -> nn.Module:
     )
 
 
-def jitter(shift: int, noise: float):
-    """Unlabelled anchor augmentation for MNIST: random shifts of up to ``shift`` pixels and
+def jitter(shift: int, noise: float, mixup: float = 0.0):
+    """Unlabelled anchor augmentation for MNIST: random shifts of up to ``shift`` pixels, then
+    mixup with a random other anchor (weight ``t ~ U(0, mixup)`` on the partner), then
     Gaussian pixel noise of std ``noise``."""
 
-    if shift == 0:
+    if shift == 0 and mixup == 0:
         return GaussianNoise(noise)
 
     def transform(x, gen):
         img = x.reshape(-1, 28, 28)
-        out = torch.zeros_like(img)
-        dx = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
-        dy = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
-        for sx in range(-shift, shift + 1):
-            for sy in range(-shift, shift + 1):
-                sel = (dx == sx) & (dy == sy)
-                if sel.any():
-                    out[sel] = torch.roll(img[sel], shifts=(sy, sx), dims=(1, 2))
+        out = img.clone()
+        if shift > 0:
+            dx = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+            dy = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
+            for sx in range(-shift, shift + 1):
+                for sy in range(-shift, shift + 1):
+                    sel = (dx == sx) & (dy == sy)
+                    if sel.any():
+                        out[sel] = torch.roll(img[sel], shifts=(sy, sx), dims=(1, 2))
         out = out.reshape(x.shape)
+        if mixup > 0:
+            partner = torch.randperm(len(x), generator=gen)
+            t = mixup * torch.rand(len(x), generator=gen, dtype=x.dtype)
+            t = t.view(-1, *([1] * (x.ndim - 1)))
+            out = (1 - t) * out + t * out[partner]
         if noise > 0:
             out = out + noise * torch.randn(out.shape, generator=gen, dtype=out.dtype)
         return out
@@ -96,12 +103,17 @@ def train_task_a(net, x, y, *, epochs, seed):
         opt.step()
 
 
-def run_task_b(net, opt, x, y, *, steps, batch, seed):
+def run_task_b(net, opt, x, y, *, steps, batch, seed, classes=None):
+    """Train on task B; with ``classes`` (the labels trick) the cross-entropy is taken over
+    those logits only, so the new task's loss never pushes the old classes' logits down."""
     t0 = time.perf_counter()
     shrunk = 0
     for xb, yb in batches(x, y, steps=steps, batch=batch, seed=seed):
         opt.zero_grad()
-        nn.functional.cross_entropy(net(xb), yb).backward()
+        out = net(xb)
+        if classes is not None:
+            out, yb = out[:, classes], yb - classes[0]
+        nn.functional.cross_entropy(out, yb).backward()
         opt.step()
         info = getattr(opt, "last_info", None)
         if info:
@@ -123,8 +135,23 @@ def main(argv=None) -> int:
     p.add_argument("--holdout-fraction", type=float, default=None)
     p.add_argument("--drift-budget", type=float, default=None)
     p.add_argument("--correction", type=float, default=None)
+    p.add_argument("--anchor-batch", type=int, default=None, help="FIP: fit anchors per step")
     p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
     p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
+    p.add_argument("--mixup", type=float, default=0.0, help="fip-noise: anchor mixup weight")
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        help="fip-noise: NeighbourNoise with this many neighbours (0: GaussianNoise/jitter)",
+    )
+    p.add_argument("--neighbour-scale", type=float, default=0.5)
+    p.add_argument(
+        "--labels-trick",
+        action="store_true",
+        help="every method: task-B cross-entropy over the new classes' logits only",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--penalty-lr", type=float, default=0.3, help="penalty mode: step length")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument(
@@ -136,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="fip_two_task.json", help="output file ('' for none)")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     ds = mnist_subset()
@@ -156,11 +184,22 @@ def main(argv=None) -> int:
 
     def fip_options(noise: bool) -> dict:
         options = {"lr": args.lr, "momentum": args.momentum}
-        for key in ("metric", "damping", "holdout_fraction", "drift_budget", "correction"):
+        for key in (
+            "metric",
+            "damping",
+            "holdout_fraction",
+            "drift_budget",
+            "correction",
+            "anchor_batch",
+        ):
             if getattr(args, key) is not None:
                 options["output_metric" if key == "metric" else key] = getattr(args, key)
-        if noise:
-            options["anchor_transform"] = jitter(args.shift, args.noise)
+        if noise and args.neighbours > 0:
+            options["anchor_transform"] = NeighbourNoise(
+                anchors, k=args.neighbours, scale=args.neighbour_scale, std=args.noise
+            )
+        elif noise:
+            options["anchor_transform"] = jitter(args.shift, args.noise, args.mixup)
         return options
 
     results = {"config": vars(args), "before": evaluate(net_a)}
@@ -188,7 +227,14 @@ def main(argv=None) -> int:
         else:
             raise SystemExit(f"unknown method {method!r}")
         secs, shrunk = run_task_b(
-            net, opt, xb, yb, steps=args.steps, batch=args.batch, seed=args.seed + 1
+            net,
+            opt,
+            xb,
+            yb,
+            steps=args.steps,
+            batch=args.batch,
+            seed=args.seed + 1,
+            classes=list(range(5, 10)) if args.labels_trick else None,
         )
         row = {
             **evaluate(net),
