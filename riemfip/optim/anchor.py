@@ -170,9 +170,13 @@ class GroupFunction:
             for n, c, s in zip(self.names, torch.split(w, self.numels), self.shapes, strict=True)
         }
 
-    def __call__(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Outputs of the model (eval mode) on ``x`` with the group's weights ``w``."""
+    def __call__(self, w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Outputs of the model (eval mode) on ``x`` with the group's weights ``w``; ``None``:
+        the model's current weights, called directly (no reparametrization, so autograd
+        records the model's own parameters)."""
         with training_mode(self.model, False):
+            if w is None:
+                return self.model(x)
             return functional_call(self.model, self.unflatten(w), (x,), strict=False)
 
 

@@ -74,6 +74,7 @@ Bhattacharyya). With a ``drift_budget``, a step that exceeds it is halved up to
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ import geoopt
 import torch
 from geoopt.optim.mixin import OptimMixin
 from torch import nn
+from torch.nn.utils import vector_to_parameters
 
+from manifolds.flat import training_mode
 from manifolds.output_metrics import OutputMetric, get_output_metric
 
 from .anchor import Anchor, GroupFunction
@@ -239,7 +242,12 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         Fit anchors used per step (``None``: all). The fit anchors are visited in
         rotating random order, ``anchor_batch`` at a time, so each step solves with an
         :math:`m = ` ``anchor_batch`` :math:`\times C` system instead of the whole anchor's;
-        every anchor is visited once per ``N / anchor_batch`` steps.
+        every anchor is visited once per ``N / anchor_batch`` steps (``anchor_sampling``
+        ``"cycle"``), or each step takes the ``anchor_batch`` fit anchors whose outputs
+        have moved most, by the output metric's divergence from :math:`y^0` (``"drift"``:
+        an active set, at the cost of one forward pass over all fit anchors).
+    anchor_sampling : {"cycle", "drift"}
+        See ``anchor_batch``.
     seed : int
         Seed of the generator of the transform and of the anchor order (saved in
         ``state_dict``).
@@ -309,6 +317,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         holdout_fraction: float = 0.2,
         anchor_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         anchor_batch: int | None = None,
+        anchor_sampling: str = "cycle",
         seed: int = 0,
         solver: str = "auto",
         solve_tol: float = 1e-3,
@@ -367,7 +376,8 @@ class FIP(OptimMixin, torch.optim.Optimizer):
                 f"anchor_transform must be callable, got {type(anchor_transform).__name__}"
             )
         self.anchor_transform = anchor_transform
-        self._frozen_fn = GroupFunction(model, list(model.parameters()))
+        # A frozen copy of the network scores transformed anchors (as in the authors' code).
+        self._frozen_model = copy.deepcopy(model).requires_grad_(False)
         self._frozen_weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         self._generator = torch.Generator(device=self.anchor.fit_inputs.device)
         self._generator.manual_seed(int(seed))
@@ -376,6 +386,9 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             if anchor_batch is None
             else int(_check_number("anchor_batch", anchor_batch, low=1))
         )
+        if anchor_sampling not in ("cycle", "drift"):
+            raise ValueError(f"anchor_sampling must be 'cycle' or 'drift', got {anchor_sampling!r}")
+        self.anchor_sampling = anchor_sampling
         self._order = torch.zeros(0, dtype=torch.long)
 
     def _fit_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,11 +397,16 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         scored by the frozen network."""
         x, y0 = self.anchor.fit_inputs, self.anchor.fit_outputs
         if self.anchor_batch is not None and self.anchor_batch < len(x):
-            if len(self._order) < self.anchor_batch:  # start a new pass over the anchors
-                perm = torch.randperm(len(x), generator=self._generator, device=x.device)
-                self._order = torch.cat([self._order, perm.cpu()])
-            idx, self._order = self._order[: self.anchor_batch], self._order[self.anchor_batch :]
-            idx = idx.to(x.device)
+            if self.anchor_sampling == "drift":
+                with torch.no_grad(), training_mode(self.model, False):
+                    moved = self.output_metric.divergence(self.model(x), y0)
+                idx = moved.topk(self.anchor_batch).indices
+            else:
+                if len(self._order) < self.anchor_batch:  # start a new pass over the anchors
+                    perm = torch.randperm(len(x), generator=self._generator, device=x.device)
+                    self._order = torch.cat([self._order, perm.cpu()])
+                idx = self._order[: self.anchor_batch].to(x.device)
+                self._order = self._order[self.anchor_batch :]
             x, y0 = x[idx], y0[idx]
         if self.anchor_transform is None:
             return x, y0
@@ -398,7 +416,8 @@ class FIP(OptimMixin, torch.optim.Optimizer):
                 f"anchor_transform must return a tensor of the anchors' shape {tuple(x.shape)}, "
                 f"got {getattr(xt, 'shape', type(xt).__name__)}"
             )
-        return xt, self._frozen_fn(self._frozen_weights, xt).detach()
+        with training_mode(self._frozen_model, False):
+            return xt, self._frozen_model(xt).detach()
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
@@ -455,6 +474,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             if "frozen_weights" in anchor:
                 fw = anchor["frozen_weights"]
                 self._frozen_weights = fw.to(self._frozen_weights).clone()
+                vector_to_parameters(self._frozen_weights, self._frozen_model.parameters())
                 self._generator.set_state(anchor["generator"].cpu())
                 self._order = anchor.get("order", torch.zeros(0, dtype=torch.long)).clone()
         super().load_state_dict(state_dict)
@@ -464,10 +484,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def anchor_drift(self, group: int = 0, w: torch.Tensor | None = None) -> AnchorDrift:
         """Held-out drift at the current weights (or at flat weights ``w`` of ``group``)."""
-        fn = self._functions[group]
-        if w is None:
-            w = self._flat_weights(self.param_groups[group]["params"])
-        y = fn(w, self.anchor.holdout_inputs)
+        y = self._functions[group](w, self.anchor.holdout_inputs)
         y0 = self.anchor.holdout_outputs
         div = float(self.output_metric.divergence(y, y0).mean())
         agree = float((y.argmax(-1) == y0.argmax(-1)).to(torch.float64).mean())
@@ -552,7 +569,8 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             return embedded_outputs(self.output_metric, fn(v, x))
 
         plan = self._plans[gi] if group["solver"] != "pcg" else None
-        built = plan.jacobian(self.output_metric, w, x) if plan is not None else None
+        # w is the model's current weights: the plan runs the model itself
+        built = plan.jacobian(self.output_metric, None, x) if plan is not None else None
         if built is None:
             if group["solver"] == "exact":
                 raise ValueError(
@@ -654,23 +672,27 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             kept = grad_norm / unorm if unorm > 0 else 0.0
             secondary = -lr * u / unorm if unorm > 0 else torch.zeros_like(u)
 
+        def drift_at(v):  # written into the model, which is then called directly
+            self._write(params, v)
+            return self.anchor_drift(gi)
+
         scale, shrunk = 1.0, False
         new_w = w + secondary + correction
-        drift = self.anchor_drift(gi, new_w)
+        drift = drift_at(new_w)
         budget = group["drift_budget"]
         if budget is not None and drift.divergence > budget:
             shrunk = True
             for _ in range(group["max_backtracks"]):
                 scale *= 0.5
                 new_w = w + scale * secondary + correction
-                drift = self.anchor_drift(gi, new_w)
+                drift = drift_at(new_w)
                 if drift.divergence <= budget:
                     break
             if drift.divergence > budget:
                 scale = 0.0
-                now = self.anchor_drift(gi, w)
+                now = drift_at(w)
                 new_w = w + correction
-                drift = self.anchor_drift(gi, new_w)
+                drift = drift_at(new_w)
                 if drift.divergence >= now.divergence:
                     new_w, drift = w, now
         self._write(params, new_w)

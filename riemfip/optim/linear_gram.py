@@ -53,9 +53,9 @@ class LinearJacobian:
 
     def __init__(self, embedded, inputs, deltas, slots, numel):
         self.embedded = embedded
-        self.samples, self.width = deltas[0].shape[1], deltas[0].shape[0]
+        self.samples, self.width = deltas[0].shape[0], deltas[0].shape[1]
         self._inputs = inputs  # per layer: a^l, (N, d_in)
-        self._deltas = deltas  # per layer: delta^l, (C, N, d_out)
+        self._deltas = deltas  # per layer: delta^l, (N, C, d_out), contiguous
         self._slots = slots  # per layer: (weight offset or None, bias offset or None)
         self._numel = numel
 
@@ -65,7 +65,7 @@ class LinearJacobian:
         m = n * c
         gram = torch.zeros(n, c, n, c, dtype=self.embedded.dtype, device=self.embedded.device)
         for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
-            rows = d.permute(1, 0, 2).reshape(m, -1)
+            rows = d.reshape(m, -1)
             dd = (rows @ rows.T).view(n, c, n, c)
             if w_at is not None:
                 factor = a @ a.T
@@ -80,32 +80,30 @@ class LinearJacobian:
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         r""":math:`J v` for flat tangents ``v`` of shape ``(k, n)``; returns ``(k, m)``."""
         k = v.shape[0]
-        out = torch.zeros(k, self.samples, self.width, dtype=v.dtype, device=v.device)
+        out = torch.zeros(self.samples, self.width, k, dtype=v.dtype, device=v.device)
         for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
             d_out, d_in = d.shape[2], a.shape[1]
             u = torch.zeros(k, self.samples, d_out, dtype=v.dtype, device=v.device)
             if w_at is not None:
                 vw = v[:, w_at : w_at + d_out * d_in].reshape(k, d_out, d_in)
-                u = u + torch.einsum("bi,koi->kbo", a, vw)
+                u = u + a @ vw.transpose(1, 2)  # (k, N, d_out): V_l a_b
             if b_at is not None:
                 u = u + v[:, None, b_at : b_at + d_out]
-            out += torch.einsum("cbo,kbo->kbc", d, u)
-        return out.reshape(k, -1)
+            out += d @ u.permute(1, 2, 0)  # (N, C, k): delta_bc . u_b
+        return out.permute(2, 0, 1).reshape(k, -1)
 
     def vjp(self, z: torch.Tensor) -> torch.Tensor:
         r""":math:`J^\top z` for output-space vectors ``z`` of shape ``(k, m)``; returns ``(k, n)``."""
         k = z.shape[0]
-        zz = z.reshape(k, self.samples, self.width)
+        zz = z.reshape(k, self.samples, self.width).transpose(0, 1)  # (N, k, C)
         out = torch.zeros(k, self._numel, dtype=z.dtype, device=z.device)
         for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
-            e = torch.einsum("kbc,cbo->kbo", zz, d)
+            e = zz @ d  # (N, k, d_out): e_b = sum_c z_bc delta_bc
             d_out, d_in = d.shape[2], a.shape[1]
             if w_at is not None:
-                out[:, w_at : w_at + d_out * d_in] = torch.einsum("kbo,bi->koi", e, a).reshape(
-                    k, -1
-                )
+                out[:, w_at : w_at + d_out * d_in] = (e.permute(1, 2, 0) @ a).reshape(k, -1)
             if b_at is not None:
-                out[:, b_at : b_at + d_out] = e.sum(1)
+                out[:, b_at : b_at + d_out] = e.sum(0)
         return out
 
 
@@ -120,10 +118,15 @@ class LinearGram:
         self.fn = fn
         self.layers = layers  # (module, flat offset of its weight or None, of its bias or None)
 
+    def _params(self) -> list[torch.Tensor]:
+        params = dict(self.fn.model.named_parameters())
+        return [params[name] for name in self.fn.names]
+
     def jacobian(self, metric: OutputMetric, w: torch.Tensor, x: torch.Tensor):
         r""":math:`J` at ``w`` on inputs ``x`` (embedded outputs scaled by
         :math:`N^{-1/2}`), or ``None`` if the forward pass does not apply each layer
-        exactly once to 2-D inputs."""
+        exactly once to 2-D inputs. ``w=None``: at the model's current weights, by a
+        plain forward pass of the model (cheaper than a functional call)."""
         captured: dict[nn.Module, list] = {mod: [] for mod, _, _ in self.layers}
 
         def hook(mod, inputs, output):
@@ -132,8 +135,9 @@ class LinearGram:
         handles = [mod.register_forward_hook(hook) for mod, _, _ in self.layers]
         try:
             with torch.enable_grad():
-                wp = w.detach().requires_grad_(True)
-                y = self.fn(wp, x)
+                if w is None and not all(p.requires_grad for p in self._params()):
+                    w = torch.cat([p.detach().reshape(-1) for p in self._params()])
+                y = self.fn(None if w is None else w.detach().requires_grad_(True), x)
                 n = y.shape[0]
                 emb = metric.embed(y) * (1.0 / math.sqrt(n))
         finally:
@@ -152,7 +156,9 @@ class LinearGram:
                 emb, outs, cotangents, is_grads_batched=True, allow_unused=True
             )
         deltas = [
-            torch.zeros(width, *z.shape, dtype=z.dtype, device=z.device) if g is None else g
+            torch.zeros(z.shape[0], width, z.shape[1], dtype=z.dtype, device=z.device)
+            if g is None
+            else g.transpose(0, 1).contiguous()
             for g, z in zip(grads, outs, strict=True)
         ]
         inputs = [captured[mod][0][0] for mod, _, _ in self.layers]
