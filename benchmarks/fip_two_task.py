@@ -136,7 +136,6 @@ def main(argv=None) -> int:
     p.add_argument("--drift-budget", type=float, default=None)
     p.add_argument("--correction", type=float, default=None)
     p.add_argument("--anchor-batch", type=int, default=None, help="FIP: fit anchors per step")
-    p.add_argument("--anchor-sampling", default=None, help="FIP: 'cycle' or 'drift'")
     p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
     p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
     p.add_argument("--mixup", type=float, default=0.0, help="fip-noise: anchor mixup weight")
@@ -192,7 +191,6 @@ def main(argv=None) -> int:
             "drift_budget",
             "correction",
             "anchor_batch",
-            "anchor_sampling",
         ):
             if getattr(args, key) is not None:
                 options["output_metric" if key == "metric" else key] = getattr(args, key)
