@@ -136,6 +136,11 @@ def main(argv=None) -> int:
     p.add_argument("--drift-budget", type=float, default=None)
     p.add_argument("--correction", type=float, default=None)
     p.add_argument("--anchor-batch", type=int, default=None, help="FIP: fit anchors per step")
+    p.add_argument(
+        "--correct-all",
+        action="store_true",
+        help="FIP with --anchor-batch: also pull back on all fit anchors (Cauchy step)",
+    )
     p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
     p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
     p.add_argument("--mixup", type=float, default=0.0, help="fip-noise: anchor mixup weight")
@@ -184,6 +189,8 @@ def main(argv=None) -> int:
 
     def fip_options(noise: bool) -> dict:
         options = {"lr": args.lr, "momentum": args.momentum}
+        if args.correct_all:
+            options["correct_all"] = True
         for key in (
             "metric",
             "damping",

@@ -264,6 +264,36 @@ def test_anchor_batches_keep_old_outputs(task):
     assert held_out_change(net, base, x) < held_out_change(net_sgd, base, x) / 10
 
 
+def test_correct_all_pulls_every_fit_anchor_back(task):
+    """With ``anchor_batch`` the Levenberg–Marquardt pull-back only sees this step's anchors;
+    ``correct_all`` adds a Cauchy step on all fit anchors, so a step with no secondary
+    gradient lowers the drift of the whole fit set further."""
+
+    def fit_drift(net, opt):
+        with torch.no_grad():
+            return float((net(opt.anchor.fit_inputs) - opt.anchor.fit_outputs).pow(2).sum())
+
+    drifts = []
+    for correct_all in (False, True):
+        net = copy.deepcopy(task["net"])
+        opt = FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=task["anchors"],
+            anchor_batch=12,
+            correct_all=correct_all,
+        )
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+        before = fit_drift(net, opt)
+        opt.zero_grad()
+        (0.0 * net(task["xb"]).sum()).backward()
+        opt.step()
+        drifts.append(fit_drift(net, opt))
+    assert drifts[1] < 0.9 * drifts[0] < 0.1 * before, (before, drifts)
+
+
 def test_neighbour_noise_moves_along_neighbour_differences(task):
     """NeighbourNoise (no isotropic part) moves each input within the span of its k nearest
     stored neighbours' differences from it, never toward a farther one, and by about

@@ -217,6 +217,12 @@ class FIP(OptimMixin, torch.optim.Optimizer):
     correction : float
         :math:`\gamma \in [0, 1]`, the share of the Levenberg–Marquardt pull-back
         toward the frozen anchor outputs taken each step (natural mode).
+    correct_all : bool
+        With ``anchor_batch``: after each step, also pull back toward the frozen outputs
+        on *all* fit anchors, by a Gauss–Newton Cauchy step (steepest descent on
+        :math:`\tfrac12\|F(w) - F(w_0)\|^2` with exact line search in the linear model;
+        one forward+backward and one forward-mode pass over the fit anchors), scaled by
+        :math:`\gamma`.
     beta : float
         :math:`\beta`, the weight of the summed divergence (penalty mode). On 2-task
         MNIST with 200 anchors and ``lr=0.3``, :math:`\beta = 10` kept the old task
@@ -307,6 +313,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         damping: float = 1e-3,
         momentum: float = 0.0,
         correction: float = 1.0,
+        correct_all: bool = False,
         beta: float = 1.0,
         drift_budget: float | None = None,
         max_backtracks: int = 5,
@@ -335,6 +342,7 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             damping=_check_number("damping", damping, low=0, low_open=True),
             momentum=_check_number("momentum", momentum, low=0, high=0.999),
             correction=_check_number("correction", correction, low=0, high=1),
+            correct_all=bool(correct_all),
             beta=_check_number("beta", beta, low=0),
             drift_budget=_check_number(
                 "drift_budget", drift_budget, low=0, low_open=True, allow_none=True
@@ -597,6 +605,30 @@ class FIP(OptimMixin, torch.optim.Optimizer):
         pulled_back = built.vjp(torch.cat([z, residual[None]]))
         return pulled_back, residual, 0, 0
 
+    def _cauchy_pullback(self, gi: int) -> torch.Tensor:
+        r"""Gauss–Newton Cauchy step toward the frozen outputs on *all* fit anchors:
+        :math:`\alpha J^\top r` with :math:`r = F(w) - F(w_0)` and
+        :math:`\alpha = \|J^\top r\|^2 / \|J J^\top r\|^2`, the minimiser of
+        :math:`\tfrac12\|r - \alpha JJ^\top r\|^2` (one forward and backward pass over the
+        fit anchors for :math:`J^\top r`, one forward-mode pass for :math:`JJ^\top r`)."""
+        fn, x = self._functions[gi], self.anchor.fit_inputs
+        with torch.enable_grad():
+            params = self.param_groups[gi]["params"]
+            residual = embedded_outputs(self.output_metric, fn(None, x)) - self._fit_target
+            grads = torch.autograd.grad(0.5 * residual.pow(2).sum(), params, allow_unused=True)
+        g = torch.cat(
+            [
+                torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                if d is None
+                else d.reshape(-1)
+                for p, d in zip(params, grads, strict=True)
+            ]
+        )
+        w = self._flat_weights(params)
+        _, jg = torch.func.jvp(lambda v: embedded_outputs(self.output_metric, fn(v, x)), (w,), (g,))
+        denom = float(jg.pow(2).sum())
+        return g * (float(g.pow(2).sum()) / denom) if denom > 0 else torch.zeros_like(g)
+
     def _penalty_gradient(self, gi: int, w: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             wp = w.detach().requires_grad_(True)
@@ -654,6 +686,11 @@ class FIP(OptimMixin, torch.optim.Optimizer):
             cnorm = float(correction.norm())
             if cnorm > cap > 0:
                 correction = correction * (cap / cnorm)
+            if group["correct_all"] and self.anchor_batch is not None:
+                # after this step's move, pull back on all fit anchors (not added to the batch's
+                # pull-back at w: both would undo the same drift)
+                self._write(params, w + secondary + correction)
+                correction = correction - group["correction"] * self._cauchy_pullback(gi)
         else:
             u = grad + group["beta"] * self._penalty_gradient(gi, w)
             unorm = float(u.norm())
