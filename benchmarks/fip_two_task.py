@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                 options["output_metric" if key == "metric" else key] = getattr(args, key)
         if noise and args.neighbours > 0:
             options["anchor_transform"] = NeighbourNoise(
-                anchors, k=args.neighbours, scale=args.neighbour_scale, std=args.noise
+                k=args.neighbours, scale=args.neighbour_scale, std=args.noise, inputs=anchors
             )
         elif noise:
             options["anchor_transform"] = jitter(args.shift, args.noise, args.mixup)

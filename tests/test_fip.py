@@ -300,7 +300,7 @@ def test_neighbour_noise_moves_along_neighbour_differences(task):
     scale * rms neighbour distance."""
     stored = task["anchors"]
     k, scale = 3, 0.5
-    transform = NeighbourNoise(stored, k=k, scale=scale)
+    transform = NeighbourNoise(k=k, scale=scale, inputs=stored)
     gen = torch.Generator().manual_seed(0)
     x = stored[:10]
     moves = []
@@ -315,8 +315,12 @@ def test_neighbour_noise_moves_along_neighbour_differences(task):
         assert torch.allclose(basis @ coef, moves[i].T, atol=1e-10)
         expected = scale**2 / k * float(dist[i, near[i]].pow(2).sum())
         assert float(moves[i].pow(2).sum(1).mean()) == pytest.approx(expected, rel=0.25)
+    # without stored inputs the neighbours come from the batch itself: the same moves here
+    same = NeighbourNoise(k=k, scale=scale)(stored, torch.Generator().manual_seed(1))
+    ref = transform(stored, torch.Generator().manual_seed(1))
+    assert torch.allclose(same, ref, atol=1e-12)
     with pytest.raises(ValueError, match="k must be"):
-        NeighbourNoise(stored, k=len(stored))
+        NeighbourNoise(k=len(stored), inputs=stored)
 
 
 def test_softmax_metric_path_stays_bounded(task):

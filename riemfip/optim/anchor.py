@@ -86,30 +86,39 @@ class NeighbourNoise:
 
     Parameters
     ----------
-    inputs : torch.Tensor
-        The stored inputs neighbours are drawn from (usually all anchor inputs), ``(N, ...)``.
     k : int
-        Neighbours per anchor, ``1 <= k < N``.
+        Neighbours per anchor, ``k >= 1`` (and fewer than the inputs they are drawn from).
     scale : float
         :math:`s \ge 0`.
     std : float
         :math:`\sigma \ge 0`, isotropic noise added after.
+    inputs : torch.Tensor, optional
+        The stored inputs neighbours are drawn from, ``(N, ...)``; default: the batch being
+        transformed (all fit anchors, unless FIP's ``anchor_batch`` is set).
     """
 
-    def __init__(self, inputs: torch.Tensor, k: int = 5, scale: float = 0.5, std: float = 0.0):
-        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
-            raise TypeError("inputs must be a tensor of shape (N, ...)")
+    def __init__(
+        self, k: int = 5, scale: float = 0.5, std: float = 0.0, inputs: torch.Tensor | None = None
+    ):
         k, scale, std = int(k), float(scale), float(std)
-        if not 1 <= k < len(inputs):
-            raise ValueError(f"k must be in [1, {len(inputs) - 1}], got {k}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         if not (scale >= 0 and std >= 0):
             raise ValueError(f"scale and std must be >= 0, got {scale} and {std}")
-        self.inputs = inputs.detach().reshape(len(inputs), -1)
+        if inputs is not None:
+            if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
+                raise TypeError("inputs must be a tensor of shape (N, ...)")
+            if k >= len(inputs):
+                raise ValueError(f"k must be below the {len(inputs)} inputs, got {k}")
+            inputs = inputs.detach().reshape(len(inputs), -1)
+        self.inputs = inputs
         self.k, self.scale, self.std = k, scale, std
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         flat = x.reshape(len(x), -1)
-        stored = self.inputs.to(device=x.device, dtype=x.dtype)
+        stored = flat if self.inputs is None else self.inputs.to(device=x.device, dtype=x.dtype)
+        if self.k >= len(stored):
+            raise ValueError(f"k={self.k} neighbours, but only {len(stored)} inputs to draw from")
         dist = torch.cdist(flat, stored)
         # k + 1 nearest, the nearest (x itself when x is stored) dropped
         near = dist.topk(self.k + 1, dim=1, largest=False).indices[:, 1:]
