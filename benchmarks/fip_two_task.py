@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from riemfip.data import mnist_subset
-from riemfip.optim import FIP, GaussianNoise, NeighbourNoise
+from riemfip.optim import FIP, GaussianNoise, NeighbourNoise, RandomShift
 
 
 def mlp() -> nn.Module:
@@ -45,36 +45,16 @@ def mlp() -> nn.Module:
     )
 
 
-def jitter(shift: int, noise: float, mixup: float = 0.0):
-    """Unlabelled anchor augmentation for MNIST: random shifts of up to ``shift`` pixels, then
-    mixup with a random other anchor (weight ``t ~ U(0, mixup)`` on the partner), then
-    Gaussian pixel noise of std ``noise``."""
-
-    if shift == 0 and mixup == 0:
-        return GaussianNoise(noise)
-
-    def transform(x, gen):
-        img = x.reshape(-1, 28, 28)
-        out = img.clone()
-        if shift > 0:
-            dx = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
-            dy = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
-            for sx in range(-shift, shift + 1):
-                for sy in range(-shift, shift + 1):
-                    sel = (dx == sx) & (dy == sy)
-                    if sel.any():
-                        out[sel] = torch.roll(img[sel], shifts=(sy, sx), dims=(1, 2))
-        out = out.reshape(x.shape)
-        if mixup > 0:
-            partner = torch.randperm(len(x), generator=gen)
-            t = mixup * torch.rand(len(x), generator=gen, dtype=x.dtype)
-            t = t.view(-1, *([1] * (x.ndim - 1)))
-            out = (1 - t) * out + t * out[partner]
-        if noise > 0:
-            out = out + noise * torch.randn(out.shape, generator=gen, dtype=out.dtype)
-        return out
-
-    return transform
+def anchor_transform(args, anchors):
+    """The fip-noise anchor transform: NeighbourNoise (``--neighbours``), RandomShift
+    (``--shift``) or GaussianNoise, each with isotropic noise ``--noise``."""
+    if args.neighbours > 0:
+        return NeighbourNoise(
+            k=args.neighbours, scale=args.neighbour_scale, std=args.noise, inputs=anchors
+        )
+    if args.shift > 0:
+        return RandomShift(args.shift, shape=(28, 28), std=args.noise)
+    return GaussianNoise(args.noise)
 
 
 def accuracy(net, x, y) -> float:
@@ -143,12 +123,11 @@ def main(argv=None) -> int:
     )
     p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
     p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
-    p.add_argument("--mixup", type=float, default=0.0, help="fip-noise: anchor mixup weight")
     p.add_argument(
         "--neighbours",
         type=int,
         default=0,
-        help="fip-noise: NeighbourNoise with this many neighbours (0: GaussianNoise/jitter)",
+        help="fip-noise: NeighbourNoise with this many neighbours (0: RandomShift/GaussianNoise)",
     )
     p.add_argument("--neighbour-scale", type=float, default=0.5)
     p.add_argument(
@@ -201,12 +180,8 @@ def main(argv=None) -> int:
         ):
             if getattr(args, key) is not None:
                 options["output_metric" if key == "metric" else key] = getattr(args, key)
-        if noise and args.neighbours > 0:
-            options["anchor_transform"] = NeighbourNoise(
-                k=args.neighbours, scale=args.neighbour_scale, std=args.noise, inputs=anchors
-            )
-        elif noise:
-            options["anchor_transform"] = jitter(args.shift, args.noise, args.mixup)
+        if noise:
+            options["anchor_transform"] = anchor_transform(args, anchors)
         return options
 
     results = {"config": vars(args), "before": evaluate(net_a)}

@@ -19,6 +19,7 @@ from riemfip.optim import (
     FIP,
     GaussianNoise,
     NeighbourNoise,
+    RandomShift,
     anchor_spectrum,
     solve_output_system,
 )
@@ -321,6 +322,29 @@ def test_neighbour_noise_moves_along_neighbour_differences(task):
     assert torch.allclose(same, ref, atol=1e-12)
     with pytest.raises(ValueError, match="k must be"):
         NeighbourNoise(k=len(stored), inputs=stored)
+
+
+def test_random_shift_translates_each_image_by_at_most_max_shift():
+    """Each output is its input translated by one offset in [-s, s]^2 (zero fill), and all
+    offsets occur."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(200, 1, 8, 8, dtype=torch.float64)
+    x[:, :, 2:6, 2:6] = torch.rand(200, 1, 4, 4, generator=gen, dtype=torch.float64) + 0.1
+    out = RandomShift(1, shape=(8, 8))(x.reshape(200, -1), gen).reshape(x.shape)
+    seen = set()
+    for i in range(len(x)):
+        hits = [
+            (sy, sx)
+            for sy in (-1, 0, 1)
+            for sx in (-1, 0, 1)
+            if torch.equal(out[i], torch.roll(x[i], shifts=(sy, sx), dims=(1, 2)))
+        ]
+        assert len(hits) == 1, i  # the content is away from the border: roll == shift
+        seen.add(hits[0])
+    assert len(seen) == 9
+    edge = torch.ones(1, 4, 4, dtype=torch.float64)
+    shifted = RandomShift(1, shape=(4, 4))(edge.repeat(50, 1, 1, 1), gen)
+    assert float(shifted.sum()) < 50 * 16  # vacated pixels are zero, not wrapped around
 
 
 def test_softmax_metric_path_stays_bounded(task):
