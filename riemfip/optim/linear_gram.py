@@ -1,38 +1,15 @@
-r"""The exact output Jacobian of networks built from ``nn.Linear`` layers, in factored form.
-
-When every weight being moved belongs to an :class:`torch.nn.Linear` layer that is
-applied once, to inputs of shape ``(N, d_in)``, the Jacobian row of embedded output
-:math:`F_{bc}` with respect to layer :math:`l`'s weights is the outer product
-:math:`\delta^l_{bc} \otimes a^l_b` (the gradient of :math:`F_{bc}` with respect to
-the layer's output, times the layer's input on sample :math:`b`), and
-:math:`\delta^l_{bc}` with respect to its bias. One forward pass (which records
-:math:`a^l`) and one batched backward pass over the :math:`C` output units (which
-gives :math:`\delta^l`) therefore hold all of :math:`J` in factored form
-(:class:`LinearJacobian`), from which
-
-.. math::
-
-    K_{(b,c),(b',c')} &= \sum_l \big(\delta^l_{bc}\cdot\delta^l_{b'c'}\big)
-        \big(\underbrace{a^l_b \cdot a^l_{b'}}_{\text{weight}}
-        + \underbrace{1}_{\text{bias}}\big), \\
-    (Jv)_{bc} &= \sum_l \delta^l_{bc} \cdot \big(V_l\, a^l_b + v_l\big), \qquad
-    J^\top z = \Big(\textstyle\sum_{b} e^l_b \otimes a^l_b,\; \sum_b e^l_b\Big)_l,
-    \quad e^l_b = \textstyle\sum_c z_{bc}\, \delta^l_{bc},
-
-(:math:`V_l, v_l` the weight and bias parts of :math:`v`) are products of small
-dense matrices: no further pass through the network. :math:`K` costs
-:math:`O(m^2 \sum_l d^l_{\text{out}})` for :math:`m = NC`, cheap enough to rebuild at
-every step for a few hundred anchors, so each FIP step can solve with the exact
-current metric by a Cholesky factorization.
+r"""FIP's plan for groups of ``nn.Linear`` parameters: the exact, factored output Jacobian
+(:mod:`manifolds.linear_jacobian`) at the current weights, from which each step builds
+:math:`K = JJ^\top`, :math:`J\nabla` and :math:`J^\top z` without further passes
+through the network.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from manifolds.linear_jacobian import LinearJacobian, linear_jacobian, linear_layers
 from manifolds.output_metrics import OutputMetric
 
 from .anchor import GroupFunction
@@ -40,76 +17,9 @@ from .anchor import GroupFunction
 __all__ = ["LinearGram", "LinearJacobian", "linear_gram_plan"]
 
 
-class LinearJacobian:
-    r""":math:`J = \partial F/\partial w` at one point, held as layer inputs and output gradients.
-
-    Attributes
-    ----------
-    embedded : torch.Tensor
-        :math:`F(w)`, flat, length :math:`m = NC` (sample-major).
-    samples, width : int
-        :math:`N` and :math:`C`.
-    """
-
-    def __init__(self, embedded, inputs, deltas, slots, numel):
-        self.embedded = embedded
-        self.samples, self.width = deltas[0].shape[0], deltas[0].shape[1]
-        self._inputs = inputs  # per layer: a^l, (N, d_in)
-        self._deltas = deltas  # per layer: delta^l, (N, C, d_out), contiguous
-        self._slots = slots  # per layer: (weight offset or None, bias offset or None)
-        self._numel = numel
-
-    def gram(self) -> torch.Tensor:
-        r""":math:`K = JJ^\top`, shape ``(m, m)``, rows and columns ordered ``(b, c)``."""
-        n, c = self.samples, self.width
-        m = n * c
-        gram = torch.zeros(n, c, n, c, dtype=self.embedded.dtype, device=self.embedded.device)
-        for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
-            rows = d.reshape(m, -1)
-            dd = (rows @ rows.T).view(n, c, n, c)
-            if w_at is not None:
-                factor = a @ a.T
-                if b_at is not None:
-                    factor = factor + 1.0
-                gram += dd * factor[:, None, :, None]
-            else:
-                gram += dd
-        gram = gram.view(m, m)
-        return 0.5 * (gram + gram.T)
-
-    def jvp(self, v: torch.Tensor) -> torch.Tensor:
-        r""":math:`J v` for flat tangents ``v`` of shape ``(k, n)``; returns ``(k, m)``."""
-        k = v.shape[0]
-        out = torch.zeros(self.samples, self.width, k, dtype=v.dtype, device=v.device)
-        for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
-            d_out, d_in = d.shape[2], a.shape[1]
-            u = torch.zeros(k, self.samples, d_out, dtype=v.dtype, device=v.device)
-            if w_at is not None:
-                vw = v[:, w_at : w_at + d_out * d_in].reshape(k, d_out, d_in)
-                u = u + a @ vw.transpose(1, 2)  # (k, N, d_out): V_l a_b
-            if b_at is not None:
-                u = u + v[:, None, b_at : b_at + d_out]
-            out += d @ u.permute(1, 2, 0)  # (N, C, k): delta_bc . u_b
-        return out.permute(2, 0, 1).reshape(k, -1)
-
-    def vjp(self, z: torch.Tensor) -> torch.Tensor:
-        r""":math:`J^\top z` for output-space vectors ``z`` of shape ``(k, m)``; returns ``(k, n)``."""
-        k = z.shape[0]
-        zz = z.reshape(k, self.samples, self.width).transpose(0, 1)  # (N, k, C)
-        out = torch.zeros(k, self._numel, dtype=z.dtype, device=z.device)
-        for a, d, (w_at, b_at) in zip(self._inputs, self._deltas, self._slots, strict=True):
-            e = zz @ d  # (N, k, d_out): e_b = sum_c z_bc delta_bc
-            d_out, d_in = d.shape[2], a.shape[1]
-            if w_at is not None:
-                out[:, w_at : w_at + d_out * d_in] = (e.permute(1, 2, 0) @ a).reshape(k, -1)
-            if b_at is not None:
-                out[:, b_at : b_at + d_out] = e.sum(0)
-        return out
-
-
 class LinearGram:
-    r"""Builds the factored :math:`J` (:class:`LinearJacobian`) of a group of ``nn.Linear``
-    parameters at given weights.
+    r"""Builds the factored :math:`J` (:class:`~manifolds.linear_jacobian.LinearJacobian`) of a
+    group of ``nn.Linear`` parameters at given weights.
 
     Use :func:`linear_gram_plan` to get one (``None`` when the group has other parameters).
     """
@@ -122,48 +32,15 @@ class LinearGram:
         params = dict(self.fn.model.named_parameters())
         return [params[name] for name in self.fn.names]
 
-    def jacobian(self, metric: OutputMetric, w: torch.Tensor, x: torch.Tensor):
+    def jacobian(self, metric: OutputMetric, w: torch.Tensor | None, x: torch.Tensor):
         r""":math:`J` at ``w`` on inputs ``x`` (embedded outputs scaled by
         :math:`N^{-1/2}`), or ``None`` if the forward pass does not apply each layer
         exactly once to 2-D inputs. ``w=None``: at the model's current weights, by a
         plain forward pass of the model (cheaper than a functional call)."""
-        captured: dict[nn.Module, list] = {mod: [] for mod, _, _ in self.layers}
-
-        def hook(mod, inputs, output):
-            captured[mod].append((inputs[0].detach(), output))
-
-        handles = [mod.register_forward_hook(hook) for mod, _, _ in self.layers]
-        try:
-            with torch.enable_grad():
-                if w is None and not all(p.requires_grad for p in self._params()):
-                    w = torch.cat([p.detach().reshape(-1) for p in self._params()])
-                y = self.fn(None if w is None else w.detach().requires_grad_(True), x)
-                n = y.shape[0]
-                emb = metric.embed(y) * (1.0 / math.sqrt(n))
-        finally:
-            for h in handles:
-                h.remove()
-        if any(len(v) != 1 or v[0][0].ndim != 2 for v in captured.values()):
-            return None
-        width = emb.shape[-1]
-        outs = [captured[mod][0][1] for mod, _, _ in self.layers]
-        # One backward pass per output unit c, batched: delta^l_{bc} = d F_{bc} / d z^l_b
-        # (samples do not interact in eval mode, so summing over b separates them).
-        eye = torch.eye(width, dtype=emb.dtype, device=emb.device)
-        cotangents = eye[:, None, :].expand(width, n, width)
-        with torch.enable_grad():
-            grads = torch.autograd.grad(
-                emb, outs, cotangents, is_grads_batched=True, allow_unused=True
-            )
-        deltas = [
-            torch.zeros(z.shape[0], width, z.shape[1], dtype=z.dtype, device=z.device)
-            if g is None
-            else g.transpose(0, 1).contiguous()
-            for g, z in zip(grads, outs, strict=True)
-        ]
-        inputs = [captured[mod][0][0] for mod, _, _ in self.layers]
-        slots = [(w_at, b_at) for _, w_at, b_at in self.layers]
-        return LinearJacobian(emb.detach().reshape(-1), inputs, deltas, slots, self.fn.dim)
+        if w is None and not all(p.requires_grad for p in self._params()):
+            w = torch.cat([p.detach().reshape(-1) for p in self._params()])
+        wp = None if w is None else w.detach().requires_grad_(True)
+        return linear_jacobian(self.layers, lambda: [self.fn(wp, x)], metric, self.fn.dim)
 
     def __call__(self, metric: OutputMetric, w: torch.Tensor, x: torch.Tensor):
         r""":math:`K` (``(m, m)``) and :math:`F(w)` (flat), or ``None`` (see :meth:`jacobian`)."""
@@ -174,20 +51,5 @@ class LinearGram:
 def linear_gram_plan(model: nn.Module, fn: GroupFunction) -> LinearGram | None:
     """A :class:`LinearGram` when every parameter of the group is the weight or bias of an
     ``nn.Linear`` of ``model``; else ``None`` (use the generic solver)."""
-    owner = {}
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            for kind, p in (("weight", mod.weight), ("bias", mod.bias)):
-                if p is not None:
-                    owner[id(p)] = (mod, kind)
-    params = dict(model.named_parameters())
-    layers: dict[nn.Module, list[int | None]] = {}
-    offset = 0
-    for name, numel in zip(fn.names, fn.numels, strict=True):
-        hit = owner.get(id(params[name]))
-        if hit is None:
-            return None
-        slots = layers.setdefault(hit[0], [None, None])
-        slots[0 if hit[1] == "weight" else 1] = offset
-        offset += numel
-    return LinearGram(fn, [(mod, w_at, b_at) for mod, (w_at, b_at) in layers.items()])
+    layers = linear_layers(model, fn.names)
+    return None if layers is None else LinearGram(fn, layers)
