@@ -38,23 +38,13 @@ from torch import nn
 from riemfip.data import mnist_subset
 from riemfip.optim import FIP, GaussianNoise, NeighbourNoise, RandomShift
 
+METHODS = ("finetune", "fip", "fip-noise", "fip-shift", "penalty")
+
 
 def mlp() -> nn.Module:
     return nn.Sequential(
         nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10)
     )
-
-
-def anchor_transform(args, anchors):
-    """The fip-noise anchor transform: NeighbourNoise (``--neighbours``), RandomShift
-    (``--shift``) or GaussianNoise, each with isotropic noise ``--noise``."""
-    if args.neighbours > 0:
-        return NeighbourNoise(
-            k=args.neighbours, scale=args.neighbour_scale, std=args.noise, inputs=anchors
-        )
-    if args.shift > 0:
-        return RandomShift(args.shift, shape=(28, 28), std=args.noise)
-    return GaussianNoise(args.noise)
 
 
 def accuracy(net, x, y) -> float:
@@ -103,10 +93,11 @@ def run_task_b(net, opt, x, y, *, steps, batch, seed, classes=None):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300, help="task-B steps for every method")
+    p.add_argument("--steps", type=int, default=600, help="task-B steps for every method")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--ft-lr", type=float, default=0.3, help="fine-tuning SGD learning rate")
-    p.add_argument("--lr", type=float, default=1.0, help="FIP natural-mode learning rate")
+    p.add_argument("--lr", type=float, default=1.0, help="fip, fip-noise: natural-mode lr")
+    p.add_argument("--shift-lr", type=float, default=0.5, help="fip-shift: natural-mode lr")
     p.add_argument("--epochs-a", type=int, default=5)
     p.add_argument("--anchors-per-class", type=int, default=50)
     p.add_argument("--metric", default=None, help="FIP output metric (default: FIP's)")
@@ -115,19 +106,21 @@ def main(argv=None) -> int:
     p.add_argument("--holdout-fraction", type=float, default=None)
     p.add_argument("--drift-budget", type=float, default=None)
     p.add_argument("--correction", type=float, default=None)
-    p.add_argument("--anchor-batch", type=int, default=None, help="FIP: fit anchors per step")
     p.add_argument(
-        "--correct-all",
-        action="store_true",
-        help="FIP with --anchor-batch: also pull back on all fit anchors (Cauchy step)",
+        "--anchor-batch", type=int, default=32, help="fip-shift: fit anchors per step (0: all)"
     )
-    p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
-    p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
+    p.add_argument(
+        "--no-correct-all",
+        action="store_true",
+        help="fip-shift: no Cauchy pull-back on all fit anchors after each step",
+    )
+    p.add_argument("--shift", type=int, default=1, help="fip-shift: RandomShift max pixel shift")
+    p.add_argument("--noise", type=float, default=0.1, help="fip-noise, fip-shift: noise std")
     p.add_argument(
         "--neighbours",
         type=int,
         default=0,
-        help="fip-noise: NeighbourNoise with this many neighbours (0: RandomShift/GaussianNoise)",
+        help="fip-noise: NeighbourNoise with this many neighbours instead of GaussianNoise",
     )
     p.add_argument("--neighbour-scale", type=float, default=0.5)
     p.add_argument(
@@ -140,8 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument(
         "--methods",
-        default="finetune,fip,fip-noise,penalty",
-        help="comma-separated subset of finetune, fip, fip-noise, penalty",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)}",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="fip_two_task.json", help="output file ('' for none)")
@@ -166,22 +159,24 @@ def main(argv=None) -> int:
             "new": accuracy(net, ds.x_test[new_te], ds.y_test[new_te]),
         }
 
-    def fip_options(noise: bool) -> dict:
-        options = {"lr": args.lr, "momentum": args.momentum}
-        if args.correct_all:
-            options["correct_all"] = True
-        for key in (
-            "metric",
-            "damping",
-            "holdout_fraction",
-            "drift_budget",
-            "correction",
-            "anchor_batch",
-        ):
+    def fip_options(method: str) -> dict:
+        options = {"momentum": args.momentum}
+        for key in ("metric", "damping", "holdout_fraction", "drift_budget", "correction"):
             if getattr(args, key) is not None:
                 options["output_metric" if key == "metric" else key] = getattr(args, key)
-        if noise:
-            options["anchor_transform"] = anchor_transform(args, anchors)
+        if method == "fip-shift":
+            options["lr"] = args.shift_lr
+            options["anchor_transform"] = RandomShift(args.shift, shape=(28, 28), std=args.noise)
+            options["anchor_batch"] = args.anchor_batch or None
+            options["correct_all"] = not args.no_correct_all
+            return options
+        options["lr"] = args.lr
+        if method == "fip-noise" and args.neighbours > 0:
+            options["anchor_transform"] = NeighbourNoise(
+                k=args.neighbours, scale=args.neighbour_scale, std=args.noise, inputs=anchors
+            )
+        elif method == "fip-noise":
+            options["anchor_transform"] = GaussianNoise(args.noise)
         return options
 
     results = {"config": vars(args), "before": evaluate(net_a)}
@@ -190,13 +185,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if method == "finetune":
             opt = torch.optim.SGD(net.parameters(), lr=args.ft_lr)
-        elif method in ("fip", "fip-noise"):
-            opt = FIP(
-                net.parameters(),
-                model=net,
-                anchor_inputs=anchors,
-                **fip_options(method == "fip-noise"),
-            )
+        elif method in ("fip", "fip-noise", "fip-shift"):
+            opt = FIP(net.parameters(), model=net, anchor_inputs=anchors, **fip_options(method))
         elif method == "penalty":
             opt = FIP(
                 net.parameters(),
