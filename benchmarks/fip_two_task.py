@@ -94,7 +94,7 @@ def run_task_b(net, opt, x, y, *, steps, batch, seed, classes=None):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=600, help="task-B steps for every method")
+    p.add_argument("--steps", type=int, default=1200, help="task-B steps for every method")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--ft-lr", type=float, default=0.3, help="fine-tuning SGD learning rate")
     p.add_argument("--lr", type=float, default=1.0, help="fip, fip-noise: natural-mode lr")
