@@ -6,23 +6,37 @@ method. FIP's anchor is 50 stored training images per old class (250), without
 labels. Accuracies are 10-way, on the offline subset's test images of each task.
 
 Run ``python benchmarks/fip_two_task.py --help``; prints a table and writes JSON.
-Defaults take about 3-4 minutes on one loaded CPU core.
+Defaults take about 6 minutes on one CPU core (the two all-anchor FIP rows);
+``--methods finetune,fip-shift --seeds 0,1,2,3,4`` about 2.
 
-Measured with the defaults (seed 0, 300 task-B steps of batch 64; old-task accuracy
-96.2% before task B; ms/step on a shared 2-core machine, so only roughly comparable):
+Measured with the defaults (``fip_two_task.json``: seed 0, 1200 task-B steps of batch
+64, old-task accuracy 96.2% before task B; CPU time per step, 1 thread, on a shared
+2-core machine):
 
-==========  =======  =======  ========
-method      old %    new %    ms/step
-==========  =======  =======  ========
-finetune      0.0     96.4       1.3
-fip          71.8     94.6     222
-fip-noise    91.8     92.2     235
-penalty      93.0     79.4       6.4
-==========  =======  =======  ========
+==========  =======  =======  ===========  =============
+method      old %    new %    ms CPU/step  x fine-tuning
+==========  =======  =======  ===========  =============
+finetune      0.0     96.6       0.9          1
+fip          69.4     95.0     145          166
+fip-noise    89.2     87.4      99          113
+fip-shift    93.6     92.2       9.1         10.5
+penalty      84.6     93.0       3.1          3.5
+==========  =======  =======  ===========  =============
 
-``fip`` is natural mode with lr 1.0 on the 200 fit anchors (50 held out);
-``fip-noise`` adds ``anchor_transform=GaussianNoise(0.1)``; ``penalty`` is the
-authors' formulation with normalised steps of length 0.3 and beta 1.
+``fip`` is natural mode with lr 1.0 on the 200 fit anchors (50 held out), solved with
+all of them at every step; ``fip-noise`` adds ``anchor_transform=GaussianNoise(0.1)``
+(the previous best); ``fip-shift`` solves each step with 32 of the 200 fit anchors in
+rotation (``anchor_batch=32``), each shifted by up to one pixel and given noise 0.1
+(``RandomShift(1, std=0.1)``), pulls all fit anchors back after each step
+(``correct_all``), at lr 0.5; ``penalty`` is the authors' formulation with normalised
+steps of length 0.3 and beta 1.
+
+Over seeds 0-4 (``fip_two_task_seeds.json``) ``fip-shift`` keeps 93.9% old (every seed
+within 3 points of its 95.6-96.2% before) and reaches 91.9% new, against 96.5% for
+fine-tuning; seed 4 falls short of 95% of fine-tuning (90.8% vs 91.6%). With 300 steps
+at lr 1 (the previous setting) the subset steps diverged on shifted anchors unless
+``correct_all`` was on, and all-anchor steps on shifted anchors learned the new task
+slowly (93.2% old, 75.4% new).
 """
 
 from __future__ import annotations
@@ -30,44 +44,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 
 import torch
 from torch import nn
 
 from riemfip.data import mnist_subset
-from riemfip.optim import FIP, GaussianNoise
+from riemfip.optim import FIP, GaussianNoise, NeighbourNoise, RandomShift
+
+METHODS = ("finetune", "fip", "fip-noise", "fip-shift", "penalty")
 
 
 def mlp() -> nn.Module:
     return nn.Sequential(
         nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10)
     )
-
-
-def jitter(shift: int, noise: float):
-    """Unlabelled anchor augmentation for MNIST: random shifts of up to ``shift`` pixels and
-    Gaussian pixel noise of std ``noise``."""
-
-    if shift == 0:
-        return GaussianNoise(noise)
-
-    def transform(x, gen):
-        img = x.reshape(-1, 28, 28)
-        out = torch.zeros_like(img)
-        dx = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
-        dy = torch.randint(-shift, shift + 1, (len(x),), generator=gen)
-        for sx in range(-shift, shift + 1):
-            for sy in range(-shift, shift + 1):
-                sel = (dx == sx) & (dy == sy)
-                if sel.any():
-                    out[sel] = torch.roll(img[sel], shifts=(sy, sx), dims=(1, 2))
-        out = out.reshape(x.shape)
-        if noise > 0:
-            out = out + noise * torch.randn(out.shape, generator=gen, dtype=out.dtype)
-        return out
-
-    return transform
 
 
 def accuracy(net, x, y) -> float:
@@ -96,25 +88,31 @@ def train_task_a(net, x, y, *, epochs, seed):
         opt.step()
 
 
-def run_task_b(net, opt, x, y, *, steps, batch, seed):
-    t0 = time.perf_counter()
+def run_task_b(net, opt, x, y, *, steps, batch, seed, classes=None):
+    """Train on task B; with ``classes`` (the labels trick) the cross-entropy is taken over
+    those logits only, so the new task's loss never pushes the old classes' logits down."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     shrunk = 0
     for xb, yb in batches(x, y, steps=steps, batch=batch, seed=seed):
         opt.zero_grad()
-        nn.functional.cross_entropy(net(xb), yb).backward()
+        out = net(xb)
+        if classes is not None:
+            out, yb = out[:, classes], yb - classes[0]
+        nn.functional.cross_entropy(out, yb).backward()
         opt.step()
         info = getattr(opt, "last_info", None)
         if info:
             shrunk += info[0].shrunk
-    return time.perf_counter() - t0, shrunk
+    return time.perf_counter() - t0, time.thread_time() - c0, shrunk
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300, help="task-B steps for every method")
+    p.add_argument("--steps", type=int, default=1200, help="task-B steps for every method")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--ft-lr", type=float, default=0.3, help="fine-tuning SGD learning rate")
-    p.add_argument("--lr", type=float, default=1.0, help="FIP natural-mode learning rate")
+    p.add_argument("--lr", type=float, default=1.0, help="fip, fip-noise: natural-mode lr")
+    p.add_argument("--shift-lr", type=float, default=0.5, help="fip-shift: natural-mode lr")
     p.add_argument("--epochs-a", type=int, default=5)
     p.add_argument("--anchors-per-class", type=int, default=50)
     p.add_argument("--metric", default=None, help="FIP output metric (default: FIP's)")
@@ -123,21 +121,81 @@ def main(argv=None) -> int:
     p.add_argument("--holdout-fraction", type=float, default=None)
     p.add_argument("--drift-budget", type=float, default=None)
     p.add_argument("--correction", type=float, default=None)
-    p.add_argument("--shift", type=int, default=0, help="anchor_transform: max pixel shift")
-    p.add_argument("--noise", type=float, default=0.1, help="fip-noise: anchor pixel noise std")
+    p.add_argument(
+        "--anchor-batch", type=int, default=32, help="fip-shift: fit anchors per step (0: all)"
+    )
+    p.add_argument(
+        "--no-correct-all",
+        action="store_true",
+        help="fip-shift: no Cauchy pull-back on all fit anchors after each step",
+    )
+    p.add_argument("--shift", type=int, default=1, help="fip-shift: RandomShift max pixel shift")
+    p.add_argument("--noise", type=float, default=0.1, help="fip-noise, fip-shift: noise std")
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        help="fip-noise: NeighbourNoise with this many neighbours instead of GaussianNoise",
+    )
+    p.add_argument("--neighbour-scale", type=float, default=0.5)
+    p.add_argument(
+        "--labels-trick",
+        action="store_true",
+        help="every method: task-B cross-entropy over the new classes' logits only",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--penalty-lr", type=float, default=0.3, help="penalty mode: step length")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument(
         "--methods",
-        default="finetune,fip,fip-noise,penalty",
-        help="comma-separated subset of finetune, fip, fip-noise, penalty",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)}",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="", help="comma-separated seeds: per-seed runs and means")
     p.add_argument("--json", default="fip_two_task.json", help="output file ('' for none)")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
+    torch.set_num_threads(args.threads)
 
-    torch.manual_seed(args.seed)
+    if args.seeds:
+        seeds = [int(v) for v in args.seeds.split(",")]
+        runs = {str(seed): run_seed(args, methods, seed) for seed in seeds}
+        mean = {
+            key: {
+                k: sum(r[key][k] for r in runs.values()) / len(runs)
+                for k in runs[str(seeds[0])][key]
+                if k in ("old", "new", "step_cpu_seconds")
+            }
+            for key in ["before", *methods]
+        }
+        results = {"config": vars(args), "seeds": runs, "mean": mean}
+        shown = mean
+        print(f"mean over seeds {seeds}:")
+    else:
+        results = {"config": vars(args), **run_seed(args, methods, args.seed)}
+        shown = results
+    print(f"before task B: old {shown['before']['old']:.1f}%  ({args.steps} task-B steps each)")
+    for method in methods:
+        r = shown[method]
+        ratio = (
+            r["step_cpu_seconds"] / shown["finetune"]["step_cpu_seconds"]
+            if "finetune" in shown
+            else math.nan
+        )
+        print(
+            f"{method:>10}: old {r['old']:5.1f}%  new {r['new']:5.1f}%  "
+            f"({r['step_cpu_seconds'] * 1e3:.1f} ms CPU/step, {ratio:.1f}x fine-tuning)"
+        )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+def run_seed(args, methods, seed: int) -> dict:
+    """Train task A with ``seed``, then task B with every method; accuracies and step times."""
+    torch.manual_seed(seed)
     ds = mnist_subset()
     old_tr, new_tr = ds.y_train < 5, ds.y_train >= 5
     old_te, new_te = ds.y_test < 5, ds.y_test >= 5
@@ -146,7 +204,7 @@ def main(argv=None) -> int:
     anchors = torch.cat([xa[ya == c][: args.anchors_per_class] for c in range(5)])
 
     net_a = mlp()
-    train_task_a(net_a, xa, ya, epochs=args.epochs_a, seed=args.seed)
+    train_task_a(net_a, xa, ya, epochs=args.epochs_a, seed=seed)
 
     def evaluate(net):
         return {
@@ -154,28 +212,34 @@ def main(argv=None) -> int:
             "new": accuracy(net, ds.x_test[new_te], ds.y_test[new_te]),
         }
 
-    def fip_options(noise: bool) -> dict:
-        options = {"lr": args.lr, "momentum": args.momentum}
+    def fip_options(method: str) -> dict:
+        options = {"momentum": args.momentum}
         for key in ("metric", "damping", "holdout_fraction", "drift_budget", "correction"):
             if getattr(args, key) is not None:
                 options["output_metric" if key == "metric" else key] = getattr(args, key)
-        if noise:
-            options["anchor_transform"] = jitter(args.shift, args.noise)
+        if method == "fip-shift":
+            options["lr"] = args.shift_lr
+            options["anchor_transform"] = RandomShift(args.shift, shape=(28, 28), std=args.noise)
+            options["anchor_batch"] = args.anchor_batch or None
+            options["correct_all"] = not args.no_correct_all
+            return options
+        options["lr"] = args.lr
+        if method == "fip-noise" and args.neighbours > 0:
+            options["anchor_transform"] = NeighbourNoise(
+                k=args.neighbours, scale=args.neighbour_scale, std=args.noise, inputs=anchors
+            )
+        elif method == "fip-noise":
+            options["anchor_transform"] = GaussianNoise(args.noise)
         return options
 
-    results = {"config": vars(args), "before": evaluate(net_a)}
+    results = {"before": evaluate(net_a)}
     for method in methods:
         net = copy.deepcopy(net_a)
         t0 = time.perf_counter()
         if method == "finetune":
             opt = torch.optim.SGD(net.parameters(), lr=args.ft_lr)
-        elif method in ("fip", "fip-noise"):
-            opt = FIP(
-                net.parameters(),
-                model=net,
-                anchor_inputs=anchors,
-                **fip_options(method == "fip-noise"),
-            )
+        elif method in ("fip", "fip-noise", "fip-shift"):
+            opt = FIP(net.parameters(), model=net, anchor_inputs=anchors, **fip_options(method))
         elif method == "penalty":
             opt = FIP(
                 net.parameters(),
@@ -187,13 +251,21 @@ def main(argv=None) -> int:
             )
         else:
             raise SystemExit(f"unknown method {method!r}")
-        secs, shrunk = run_task_b(
-            net, opt, xb, yb, steps=args.steps, batch=args.batch, seed=args.seed + 1
+        secs, cpu, shrunk = run_task_b(
+            net,
+            opt,
+            xb,
+            yb,
+            steps=args.steps,
+            batch=args.batch,
+            seed=seed + 1,
+            classes=list(range(5, 10)) if args.labels_trick else None,
         )
         row = {
             **evaluate(net),
             "seconds": time.perf_counter() - t0,
             "step_seconds": secs / args.steps,
+            "step_cpu_seconds": cpu / args.steps,
         }
         if isinstance(opt, FIP):
             info = opt.last_info[0]
@@ -203,18 +275,7 @@ def main(argv=None) -> int:
                 shrunk_steps=shrunk,
             )
         results[method] = row
-
-    print(f"before task B: old {results['before']['old']:.1f}%  ({args.steps} task-B steps each)")
-    for method in methods:
-        r = results[method]
-        print(
-            f"{method:>10}: old {r['old']:5.1f}%  new {r['new']:5.1f}%  "
-            f"({r['step_seconds'] * 1e3:.1f} ms/step)"
-        )
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
-    return 0
+    return results
 
 
 if __name__ == "__main__":

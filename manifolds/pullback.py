@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from .conjugate_gradient import SolveResult, conjugate_gradient, default_tolerance, report_failure
 from .flat import FlatModule
+from .linear_jacobian import linear_jacobian, linear_layers
 from .output_metrics import OutputMetric, get_output_metric
 from .validation import check_finite, check_vector
 
@@ -388,9 +389,29 @@ class PullbackMetric:
         return "cg"
 
     def _output_gram(self, w: torch.Tensor, chunk: int = 64):
-        r"""Eigendecomposition of :math:`K = JJ^\top` (``m x m``), built column block by
-        column block as :math:`J(J^\top E)` without forming :math:`J`; returns
-        ``(eigenvalues, eigenvectors, vjp_fn)``."""
+        r"""Eigendecomposition of :math:`K = JJ^\top` (``m x m``); returns
+        ``(eigenvalues, eigenvectors, vjp_fn)``.
+
+        For a metric :meth:`from_module` whose weights all belong to ``nn.Linear`` layers,
+        :math:`K` is built exactly from the layers' inputs and output gradients
+        (:mod:`manifolds.linear_jacobian`: one forward pass and one batched backward pass
+        per output unit); otherwise column block by column block as :math:`J(J^\top E)`
+        without forming :math:`J` (:math:`m` reverse- and :math:`m` forward-mode products).
+        """
+        if self.module is not None:
+            flat, batches = self.module, self.inputs
+            layers = linear_layers(flat.module, flat.names)
+            if layers is not None:
+                wp = w.detach().requires_grad_(True)
+                jac = linear_jacobian(
+                    layers,
+                    lambda: [flat(wp, x, train=False) for x in batches],
+                    self.output_metric,
+                    flat.dim,
+                )
+                if jac is not None:
+                    evals, evecs = torch.linalg.eigh(jac.gram())
+                    return evals, evecs, lambda u: (jac.vjp(u.reshape(1, -1))[0],)
         e, vjp_fn = vjp(self.embed, w)
         m = e.numel()
         eye = torch.eye(m, dtype=e.dtype, device=e.device)

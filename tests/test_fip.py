@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from manifolds import PullbackMetric
-from riemfip.optim import FIP, GaussianNoise, anchor_spectrum, solve_output_system
+from riemfip.optim import (
+    FIP,
+    GaussianNoise,
+    NeighbourNoise,
+    RandomShift,
+    anchor_spectrum,
+    solve_output_system,
+)
 from riemfip.optim.anchor import GroupFunction, holdout_mask
 from riemfip.optim.linear_gram import linear_gram_plan
 from riemfip.optim.output_solve import embedded_outputs
@@ -209,6 +216,137 @@ def test_noisy_anchors_keep_unseen_old_inputs_better(task):
     assert changes[1] < 0.6 * changes[0], changes
 
 
+def test_anchor_batches_visit_every_fit_anchor_once_per_pass(task):
+    """With ``anchor_batch`` each step's fit batch is a slice of a random order of the fit
+    anchors, paired with their own frozen outputs, and a pass covers each anchor once."""
+    net = copy.deepcopy(task["net"])
+    opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], anchor_batch=12)
+    fit_x, fit_y = opt.anchor.fit_inputs, opt.anchor.fit_outputs
+    assert len(fit_x) == 48
+    for _ in range(2):  # two passes
+        seen = []
+        for _ in range(4):
+            x, y0 = opt._fit_batch()
+            assert x.shape == (12, DIM)
+            rows = torch.cdist(x, fit_x).argmin(1)
+            assert torch.equal(fit_x[rows], x) and torch.equal(fit_y[rows], y0)
+            seen.append(rows)
+        assert sorted(torch.cat(seen).tolist()) == list(range(48))
+
+
+def test_anchor_batches_keep_old_outputs(task):
+    """Solving each step with 12 of the 48 fit anchors (rotating) still learns the new task
+    and keeps held-out old-task predictions, far better than SGD."""
+    base = task["net"]
+    net = copy.deepcopy(base)
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        lr=0.5,
+        anchor_batch=12,
+    )
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        losses.append(new_task_backward(net, task))
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+    net_sgd = copy.deepcopy(base)
+    sgd = torch.optim.SGD(net_sgd.parameters(), lr=0.5)
+    for _ in range(40):
+        sgd.zero_grad()
+        new_task_backward(net_sgd, task)
+        sgd.step()
+    x = task["test_a"]
+    with torch.no_grad():
+        keep = float((net(x).argmax(1) == base(x).argmax(1)).double().mean())
+    assert keep >= 0.95, keep
+    assert held_out_change(net, base, x) < held_out_change(net_sgd, base, x) / 10
+
+
+def test_correct_all_pulls_every_fit_anchor_back(task):
+    """With ``anchor_batch`` the Levenberg–Marquardt pull-back only sees this step's anchors;
+    ``correct_all`` adds a Cauchy step on all fit anchors, so a step with no secondary
+    gradient lowers the drift of the whole fit set further."""
+
+    def fit_drift(net, opt):
+        with torch.no_grad():
+            return float((net(opt.anchor.fit_inputs) - opt.anchor.fit_outputs).pow(2).sum())
+
+    drifts = []
+    for correct_all in (False, True):
+        net = copy.deepcopy(task["net"])
+        opt = FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=task["anchors"],
+            anchor_batch=12,
+            correct_all=correct_all,
+        )
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+        before = fit_drift(net, opt)
+        opt.zero_grad()
+        (0.0 * net(task["xb"]).sum()).backward()
+        opt.step()
+        drifts.append(fit_drift(net, opt))
+    assert drifts[1] < 0.9 * drifts[0] < 0.1 * before, (before, drifts)
+
+
+def test_neighbour_noise_moves_along_neighbour_differences(task):
+    """NeighbourNoise (no isotropic part) moves each input within the span of its k nearest
+    stored neighbours' differences from it, never toward a farther one, and by about
+    scale * rms neighbour distance."""
+    stored = task["anchors"]
+    k, scale = 3, 0.5
+    transform = NeighbourNoise(k=k, scale=scale, inputs=stored)
+    gen = torch.Generator().manual_seed(0)
+    x = stored[:10]
+    moves = []
+    for _ in range(200):
+        moves.append(transform(x, gen) - x)
+    moves = torch.stack(moves, 1)  # (10, draws, DIM)
+    dist = torch.cdist(x, stored)
+    near = dist.topk(k + 1, largest=False).indices[:, 1:]
+    for i in range(len(x)):
+        basis = (stored[near[i]] - x[i]).T  # (DIM, k)
+        coef = torch.linalg.lstsq(basis, moves[i].T).solution
+        assert torch.allclose(basis @ coef, moves[i].T, atol=1e-10)
+        expected = scale**2 / k * float(dist[i, near[i]].pow(2).sum())
+        assert float(moves[i].pow(2).sum(1).mean()) == pytest.approx(expected, rel=0.25)
+    # without stored inputs the neighbours come from the batch itself: the same moves here
+    same = NeighbourNoise(k=k, scale=scale)(stored, torch.Generator().manual_seed(1))
+    ref = transform(stored, torch.Generator().manual_seed(1))
+    assert torch.allclose(same, ref, atol=1e-12)
+    with pytest.raises(ValueError, match="k must be"):
+        NeighbourNoise(k=len(stored), inputs=stored)
+
+
+def test_random_shift_translates_each_image_by_at_most_max_shift():
+    """Each output is its input translated by one offset in [-s, s]^2 (zero fill), and all
+    offsets occur."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(200, 1, 8, 8, dtype=torch.float64)
+    x[:, :, 2:6, 2:6] = torch.rand(200, 1, 4, 4, generator=gen, dtype=torch.float64) + 0.1
+    out = RandomShift(1, shape=(8, 8))(x.reshape(200, -1), gen).reshape(x.shape)
+    seen = set()
+    for i in range(len(x)):
+        hits = [
+            (sy, sx)
+            for sy in (-1, 0, 1)
+            for sx in (-1, 0, 1)
+            if torch.equal(out[i], torch.roll(x[i], shifts=(sy, sx), dims=(1, 2)))
+        ]
+        assert len(hits) == 1, i  # the content is away from the border: roll == shift
+        seen.add(hits[0])
+    assert len(seen) == 9
+    edge = torch.ones(1, 4, 4, dtype=torch.float64)
+    shifted = RandomShift(1, shape=(4, 4))(edge.repeat(50, 1, 1, 1), gen)
+    assert float(shifted.sum()) < 50 * 16  # vacated pixels are zero, not wrapped around
+
+
 def test_softmax_metric_path_stays_bounded(task):
     """With the Fisher metric the first-order pull-back can be huge where the softmax
     saturates; the trust region keeps the path learning and the old outputs in place."""
@@ -253,12 +391,14 @@ def test_drift_budget_is_respected(task):
 
 
 # --------------------------------------------------------------------- state
-@pytest.mark.parametrize("mode", ["natural", "penalty", "transform"])
+@pytest.mark.parametrize("mode", ["natural", "penalty", "transform", "batch"])
 def test_state_dict_round_trip_reproduces_next_step(task, mode):
     net = copy.deepcopy(task["net"])
     kwargs = dict(model=net, anchor_inputs=task["anchors"])
     if mode == "transform":
         kwargs["anchor_transform"] = GaussianNoise(0.3)
+    elif mode == "batch":  # the rotation is mid-pass when saved
+        kwargs["anchor_batch"] = 20
     else:
         kwargs["mode"] = mode
     if mode != "penalty":
@@ -402,8 +542,8 @@ def test_bad_options_are_rejected(task, kwargs, match):
 
 
 def test_linear_gram_matches_dense_jacobian(task):
-    """The Kronecker-structured K = JJ^T of an nn.Linear stack equals the dense one, for a
-    group holding some weights and biases only."""
+    """The Kronecker-structured K = JJ^T, Jv and J^T z of an nn.Linear stack equal the dense
+    ones, for a group holding some weights and biases only."""
     net, x = task["net"], task["anchors"]
     params = [net[0].weight, net[2].bias, net[4].weight, net[4].bias]
     fn = GroupFunction(net, params)
@@ -416,6 +556,11 @@ def test_linear_gram_matches_dense_jacobian(task):
         gram, emb = plan(metric.output_metric, w, x)
         assert torch.allclose(gram, jac @ jac.T, rtol=1e-10, atol=1e-12)
         assert torch.allclose(emb, metric.embed(w))
+        factored = plan.jacobian(metric.output_metric, w, x)
+        v = torch.randn(3, w.numel(), dtype=w.dtype)
+        z = torch.randn(2, jac.shape[0], dtype=w.dtype)
+        assert torch.allclose(factored.jvp(v), v @ jac.T, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(factored.vjp(z), z @ jac, rtol=1e-10, atol=1e-12)
     assert (
         linear_gram_plan(
             nn.Sequential(nn.Conv1d(1, 1, 1)), GroupFunction(nn.Sequential(nn.Conv1d(1, 1, 1)), [])

@@ -6,7 +6,7 @@ inputs where they were; :mod:`.anchor` holds the anchor, :mod:`.output_solve`
 the output-space solves with its pullback metric.
 """
 
-from .anchor import Anchor, GaussianNoise, GroupFunction
+from .anchor import Anchor, GaussianNoise, GroupFunction, NeighbourNoise, RandomShift
 from .fip import FIP, AnchorDrift, FIPStepInfo
 from .output_solve import AnchorSpectrum, OutputSolve, anchor_spectrum, solve_output_system
 
@@ -20,5 +20,7 @@ __all__ = [
     "AnchorDrift",
     "FIPStepInfo",
     "GaussianNoise",
+    "NeighbourNoise",
+    "RandomShift",
     "GroupFunction",
 ]
