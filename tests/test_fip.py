@@ -69,6 +69,18 @@ def new_task_backward(net, task):
     return float(loss.detach())
 
 
+def sgd_on_new_task(base, task, lr=0.5, steps=40):
+    """A copy of ``base`` after ``steps`` plain SGD steps on the new task: what FIP is
+    compared with."""
+    net = copy.deepcopy(base)
+    sgd = torch.optim.SGD(net.parameters(), lr=lr)
+    for _ in range(steps):
+        sgd.zero_grad()
+        new_task_backward(net, task)
+        sgd.step()
+    return net
+
+
 def flat(net):
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
@@ -176,12 +188,7 @@ def test_path_learns_new_task_and_keeps_old_outputs(task):
         assert info.step_norm <= (0.5 * info.grad_norm + info.correction_norm) * (1 + 1e-9)
     assert losses[-1] < 0.5 * losses[0]
 
-    net_sgd = copy.deepcopy(base)
-    sgd = torch.optim.SGD(net_sgd.parameters(), lr=0.5)
-    for _ in range(40):
-        sgd.zero_grad()
-        new_task_backward(net_sgd, task)
-        sgd.step()
+    net_sgd = sgd_on_new_task(base, task)
     x = task["test_a"]
     with torch.no_grad():
         keep = float((net(x).argmax(1) == base(x).argmax(1)).double().mean())
@@ -252,12 +259,7 @@ def test_anchor_batches_keep_old_outputs(task):
         losses.append(new_task_backward(net, task))
         opt.step()
     assert losses[-1] < 0.5 * losses[0]
-    net_sgd = copy.deepcopy(base)
-    sgd = torch.optim.SGD(net_sgd.parameters(), lr=0.5)
-    for _ in range(40):
-        sgd.zero_grad()
-        new_task_backward(net_sgd, task)
-        sgd.step()
+    net_sgd = sgd_on_new_task(base, task)
     x = task["test_a"]
     with torch.no_grad():
         keep = float((net(x).argmax(1) == base(x).argmax(1)).double().mean())
