@@ -69,6 +69,16 @@ def new_task_backward(net, task):
     return float(loss.detach())
 
 
+def fip_on_new_task(net, opt, task, steps=40):
+    """``steps`` steps of ``opt`` on the new task; the losses before each step."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        losses.append(new_task_backward(net, task))
+        opt.step()
+    return losses
+
+
 def sgd_on_new_task(base, task, lr=0.5, steps=40):
     """A copy of ``base`` after ``steps`` plain SGD steps on the new task: what FIP is
     compared with."""
@@ -213,11 +223,7 @@ def test_noisy_anchors_keep_unseen_old_inputs_better(task):
             lr=0.5,
             anchor_transform=transform,
         )
-        losses = []
-        for _ in range(40):
-            opt.zero_grad()
-            losses.append(new_task_backward(net, task))
-            opt.step()
+        losses = fip_on_new_task(net, opt, task, steps=40)
         assert losses[-1] < 0.1 * losses[0]
         changes.append(held_out_change(net, task["net"], task["test_a"]))
     assert changes[1] < 0.6 * changes[0], changes
@@ -253,11 +259,7 @@ def test_anchor_batches_keep_old_outputs(task):
         lr=0.5,
         anchor_batch=12,
     )
-    losses = []
-    for _ in range(40):
-        opt.zero_grad()
-        losses.append(new_task_backward(net, task))
-        opt.step()
+    losses = fip_on_new_task(net, opt, task, steps=40)
     assert losses[-1] < 0.5 * losses[0]
     net_sgd = sgd_on_new_task(base, task)
     x = task["test_a"]
@@ -356,11 +358,7 @@ def test_softmax_metric_path_stays_bounded(task):
     opt = FIP(
         net.parameters(), model=net, anchor_inputs=task["anchors"], lr=0.5, output_metric="fisher"
     )
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        losses.append(new_task_backward(net, task))
-        opt.step()
+    losses = fip_on_new_task(net, opt, task, steps=30)
     assert losses[-1] < 0.5 * losses[0]
     assert opt.anchor_drift().agreement >= 0.95
     assert all(math.isfinite(float(p.detach().abs().max())) for p in net.parameters())
