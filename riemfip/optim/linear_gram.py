@@ -42,11 +42,6 @@ class LinearGram:
         wp = None if w is None else w.detach().requires_grad_(True)
         return linear_jacobian(self.layers, lambda: [self.fn(wp, x)], metric, self.fn.dim)
 
-    def __call__(self, metric: OutputMetric, w: torch.Tensor, x: torch.Tensor):
-        r""":math:`K` (``(m, m)``) and :math:`F(w)` (flat), or ``None`` (see :meth:`jacobian`)."""
-        jac = self.jacobian(metric, w, x)
-        return None if jac is None else (jac.gram(), jac.embedded)
-
 
 def linear_gram_plan(model: nn.Module, fn: GroupFunction) -> LinearGram | None:
     """A :class:`LinearGram` when every parameter of the group is the weight or bias of an
