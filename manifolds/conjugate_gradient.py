@@ -131,7 +131,6 @@ def conjugate_gradient(
         if not rnorm < bnorm:  # worse than zero, or NaN/Inf: a stale guess would only cost
             x.zero_()
             r = b.clone()
-    res = float(torch.linalg.vector_norm(r)) / bnorm
     for _ in range(_RESTARTS):
         before = its
         x, r, its, res = _cg_run(matvec, x, r, bnorm, tol, its, maxiter)
