@@ -133,9 +133,7 @@ class NeighbourNoise:
         step = torch.einsum("bk,bkd->bd", xi, stored[near] - flat[:, None])
         out = flat + (self.scale / self.k**0.5) * step
         if self.std > 0:
-            out = out + self.std * torch.randn(
-                out.shape, generator=generator, dtype=x.dtype, device=x.device
-            )
+            out = GaussianNoise(self.std)(out, generator)
         return out.reshape(x.shape)
 
     def __repr__(self) -> str:
@@ -186,11 +184,7 @@ class RandomShift:
                 sel = (dy == sy) & (dx == sx)
                 out[sel] = padded[sel, :, s - sy : s - sy + h, s - sx : s - sx + w]
         out = out.reshape(x.shape)
-        if self.std > 0:
-            out = out + self.std * torch.randn(
-                out.shape, generator=generator, dtype=x.dtype, device=x.device
-            )
-        return out
+        return GaussianNoise(self.std)(out, generator) if self.std > 0 else out
 
     def __repr__(self) -> str:
         return f"RandomShift(max_shift={self.max_shift}, shape={self.shape}, std={self.std})"
