@@ -259,7 +259,7 @@ def time_operations(metric, net, w, v, x, y, repeats: int) -> dict:
     info = {}
 
     def accel():
-        info["res"] = metric.acceleration(w, v, return_info=True)
+        info["res"] = metric.acceleration_result(w, v)
 
     rows = {"loss_forward_backward": loss_step, "matvec": lambda: metric.matvec(w, v)}
     rows["acceleration"] = accel
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
 
     # cost of one acceleration (CG solve) at w0 along the straight line
     t0 = time.perf_counter()
-    res = metric.acceleration(w0, w1 - w0, return_info=True)
+    res = metric.acceleration_result(w0, w1 - w0)
     report["acceleration"] = {
         "seconds": time.perf_counter() - t0,
         "cg_iterations": res.iterations,

@@ -18,7 +18,7 @@ batch, float32:
 ``matvec, no input checks``
     ``metric._matvec(w, v)``: the product alone.
 ``input checks``
-    ``metric._check_point(w)`` and ``metric._check_tangent("v", v, w)``: what
+    ``metric.check_point(w)`` and ``metric.check_tangent("v", v, w)``: what
     ``matvec`` adds to ``_matvec``.
 ``finite check by sum``
     not in the library: ``isfinite(w.sum())`` and ``isfinite(v.sum())``, what a
@@ -186,7 +186,7 @@ def build_rows(
         return torch.autograd.grad(loss, wp)[0]
 
     def checks():
-        metric._check_tangent("v", v, metric._check_point(w))
+        metric.check_tangent("v", v, metric.check_point(w))
 
     def sum_checks():
         # A sum is finite iff every term is, barring overflow (which would fall back to

@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from .conjugate_gradient import SolveResult, conjugate_gradient, default_tolerance, report_failure
+from .conjugate_gradient import SolveResult, conjugate_gradient, default_tolerance, report_failure, status_of
 from .flat import FlatModule
 from .linear_jacobian import linear_jacobian, linear_layers
 from .output_metrics import OutputMetric, get_output_metric
@@ -143,7 +143,7 @@ class PullbackMetric:
     on_failure : {"warn", "raise", "ignore"}
         What a solve that misses ``tol`` does: a :class:`~manifolds.validation.ConvergenceWarning`
         with the residual, a :class:`~manifolds.validation.NotConvergedError`, or nothing
-        (the residual is still in ``return_info=True`` results).
+        (the residual is still in :meth:`solve_result`).
 
     Notes
     -----
@@ -255,7 +255,9 @@ class PullbackMetric:
         )
 
     # ------------------------------------------------------------------ checks
-    def _check_point(self, w: torch.Tensor) -> torch.Tensor:
+    def check_point(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` checked as a point (flat, floating, finite, of length :attr:`dim`, on the task
+        inputs' device and dtype), detached. Raises ``TypeError``/``ValueError`` naming the problem."""
         check_vector("w", w, dim=self.dim)
         if self.inputs is not None:
             x = self.inputs[0]
@@ -268,7 +270,9 @@ class PullbackMetric:
                 )
         return w.detach()
 
-    def _check_tangent(self, name: str, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def check_tangent(self, name: str, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``v`` checked as a tangent vector at the checked point ``w`` (same length, dtype and
+        device, finite), detached; ``name`` is used in the error message."""
         return check_vector(name, v, dim=w.numel(), like=w).detach()
 
     # ------------------------------------------------------------ the map F
@@ -292,7 +296,7 @@ class PullbackMetric:
         """:math:`m`, the number of embedded outputs (one forward pass the first time)."""
         if self._output_dim is None:
             with torch.no_grad():
-                self.embed(self._check_point(w))
+                self.embed(self.check_point(w))
         return self._output_dim
 
     def _jvp(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -339,16 +343,16 @@ class PullbackMetric:
 
     def matvec(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r""":math:`g(w)\,v = J^\top J v + \lambda v`: one dual forward pass and one backward pass."""
-        w = self._check_point(w)
-        return self._matvec(w, self._check_tangent("v", v, w))
+        w = self.check_point(w)
+        return self._matvec(w, self.check_tangent("v", v, w))
 
     def inner(
         self, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
     ) -> torch.Tensor:
         r""":math:`\langle u, v\rangle_{g(w)} = (Ju)^\top (Jv) + \lambda\, u^\top v` (0-D tensor)."""
-        w = self._check_point(w)
-        u = self._check_tangent("u", u, w)
-        v = u if v is None else self._check_tangent("v", v, w)
+        w = self.check_point(w)
+        u = self.check_tangent("u", u, w)
+        v = u if v is None else self.check_tangent("v", v, w)
         with torch.no_grad():
             ju = self._jvp(w, u)
             jv = ju if v is u else self._jvp(w, v)
@@ -362,7 +366,7 @@ class PullbackMetric:
     # ------------------------------------------------------------ dense references
     def jacobian(self, w: torch.Tensor) -> torch.Tensor:
         r"""Dense :math:`J_F(w)`, shape ``(m, n)``. For small problems and tests only."""
-        w = self._check_point(w)
+        w = self.check_point(w)
         m, n = self.output_dim(w), w.numel()
         with torch.no_grad():
             return (jacfwd if n <= m else jacrev)(self.embed)(w).reshape(m, n)
@@ -465,7 +469,7 @@ class PullbackMetric:
                 g = self.dense(w)
                 x = self._dense_solve(g, b)
                 r = self._residual(w, x, b, g @ x)
-                res = SolveResult(x, r, 0, r <= _direct_tol(tol, b.dtype), "dense")
+                res = SolveResult(x, r, 0, status_of(r, _direct_tol(tol, b.dtype)), "dense", _direct_tol(tol, b.dtype))
             else:
                 evals, evecs, vjp_fn = self._output_gram(w)
                 jb = evecs.T @ self._jvp(w, b)
@@ -478,8 +482,8 @@ class PullbackMetric:
                     # pseudo-inverse: (J^T J)^+ b = J^T K^{-2} J b
                     x = vjp_fn(evecs @ (self._inverse_spectrum(evals, 2) * jb))[0]
                 r = self._residual(w, x, b)
-                res = SolveResult(x, r, 0, r <= _direct_tol(tol, b.dtype), "output")
-        report_failure(res, tol, self.on_failure)
+                res = SolveResult(x, r, 0, status_of(r, _direct_tol(tol, b.dtype)), "output", _direct_tol(tol, b.dtype))
+        report_failure(res, self.on_failure)
         return res
 
     def solve(
@@ -491,9 +495,8 @@ class PullbackMetric:
         tol: float | None = None,
         maxiter: int | None = None,
         x0: torch.Tensor | None = None,
-        return_info: bool = False,
-    ) -> torch.Tensor | SolveResult:
-        r""":math:`g(w)^{-1} b`.
+    ) -> torch.Tensor:
+        r""":math:`g(w)^{-1} b`; :meth:`solve_result` for the residual and status.
 
         Parameters
         ----------
@@ -502,11 +505,8 @@ class PullbackMetric:
         method : {"auto", "dense", "output", "cg"}, optional
             Overrides the metric's ``solver``.
         tol, maxiter, x0 : optional
-            CG relative tolerance, iteration cap and warm start. Direct methods
-            check their residual against ``max(tol, 1e3 eps)``.
-        return_info : bool
-            Return a :class:`~manifolds.conjugate_gradient.SolveResult` (solution,
-            residual, iterations, converged, method) instead of the solution.
+            Relative tolerance (the rule of :mod:`manifolds.conjugate_gradient`), CG
+            iteration cap and warm start.
 
         Notes
         -----
@@ -516,12 +516,25 @@ class PullbackMetric:
         :math:`(J^\top J)^+ b`. A solve that misses its tolerance warns or raises
         (``on_failure``) with its residual.
         """
-        w = self._check_point(w)
-        b = self._check_tangent("b", b, w)
+        return self.solve_result(w, b, method=method, tol=tol, maxiter=maxiter, x0=x0).x
+
+    def solve_result(
+        self,
+        w: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        method: str | None = None,
+        tol: float | None = None,
+        maxiter: int | None = None,
+        x0: torch.Tensor | None = None,
+    ) -> SolveResult:
+        """:meth:`solve` with its :class:`~manifolds.conjugate_gradient.SolveResult`
+        (solution, residual, iterations, status, method)."""
+        w = self.check_point(w)
+        b = self.check_tangent("b", b, w)
         if x0 is not None:
-            x0 = self._check_tangent("x0", x0, w)
-        res = self._solve(w, b, method, tol, maxiter, x0)
-        return res if return_info else res.x
+            x0 = self.check_tangent("x0", x0, w)
+        return self._solve(w, b, method, tol, maxiter, x0)
 
     def acceleration(
         self,
@@ -532,36 +545,96 @@ class PullbackMetric:
         tol: float | None = None,
         maxiter: int | None = None,
         x0: torch.Tensor | None = None,
-        return_info: bool = False,
-    ) -> torch.Tensor | SolveResult:
+    ) -> torch.Tensor:
         r"""Geodesic acceleration :math:`\ddot w = -\Gamma_w(v, v) = -g^{-1} J^\top D^2F[v, v]`.
 
         :math:`D^2F[v, v]` comes from a forward-over-forward JVP; the solve is
-        dense, in output space (:math:`-J^\top (JJ^\top + \lambda I)^{-1} h`) or by CG
-        (warm-started from ``x0``, e.g. the previous step's acceleration).
-        Arguments as for :meth:`solve`.
+        dense (:meth:`dense_acceleration`), in output space
+        (:math:`-J^\top (JJ^\top + \lambda I)^{-1} h`) or by CG (warm-started from
+        ``x0``, e.g. the previous step's acceleration). Arguments as for :meth:`solve`;
+        :meth:`acceleration_result` for the residual and status.
         """
-        w = self._check_point(w)
-        v = self._check_tangent("v", v, w)
+        return self.acceleration_result(
+            w, v, method=method, tol=tol, maxiter=maxiter, x0=x0
+        ).x
+
+    def acceleration_result(
+        self,
+        w: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        method: str | None = None,
+        tol: float | None = None,
+        maxiter: int | None = None,
+        x0: torch.Tensor | None = None,
+    ) -> SolveResult:
+        """:meth:`acceleration` with its :class:`~manifolds.conjugate_gradient.SolveResult`."""
+        w = self.check_point(w)
+        v = self.check_tangent("v", v, w)
         if x0 is not None:
-            x0 = self._check_tangent("x0", x0, w)
-        res = self._acceleration(w, v, method, tol, maxiter, x0)
-        return res if return_info else res.x
+            x0 = self.check_tangent("x0", x0, w)
+        return self._acceleration(w, v, method, tol, maxiter, x0)
 
     def _acceleration(self, w, v, method=None, tol=None, maxiter=None, x0=None) -> SolveResult:
         method = self._method(w, method)
         with torch.no_grad():
-            _, h = self._jvp2(w, v)
-            if method != "output":
+            if method == "dense":
+                a = self.dense_acceleration(w, v)
+                _, h = self._jvp2(w, v)
+                r = self._residual(w, a, -self._vjp(w, h))
+                direct = True
+            elif method == "cg":
+                _, h = self._jvp2(w, v)
                 return self._solve(w, -self._vjp(w, h), method, tol, maxiter, x0)
-            # -J^T (K + l I)^{-1} h: no weight-space solve at all.
-            evals, evecs, vjp_fn = self._output_gram(w)
-            a = -vjp_fn(evecs @ (self._inverse_spectrum(evals, 1) * (evecs.T @ h)))[0]
-            r = self._residual(w, a, -vjp_fn(h)[0])
-        tol = self._tolerance(h.dtype, tol)
-        res = SolveResult(a, r, 0, r <= _direct_tol(tol, h.dtype), "output")
-        report_failure(res, tol, self.on_failure)
+            else:
+                # -J^T (K + l I)^{-1} h: no weight-space solve at all.
+                _, h = self._jvp2(w, v)
+                evals, evecs, vjp_fn = self._output_gram(w)
+                a = -vjp_fn(evecs @ (self._inverse_spectrum(evals, 1) * (evecs.T @ h)))[0]
+                r = self._residual(w, a, -vjp_fn(h)[0])
+        tol = _direct_tol(self._tolerance(v.dtype, tol), v.dtype)
+        res = SolveResult(a, r, 0, status_of(r, tol), method, tol)
+        report_failure(res, self.on_failure)
         return res
+
+    def dense_acceleration(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        r""":math:`-g^{-1}J^\top D^2F[v, v]` by dense algebra, as a pure tensor function.
+
+        No checks and no Python-side branching on values, so it can be differentiated
+        and batched by :mod:`torch.func` (``vmap`` of a whole batch of flows, ``jacfwd``
+        for collocation). For small :math:`n` only. :math:`J` and :math:`D^2F[v, v]` come
+        from one batched forward-over-forward JVP in the :math:`n + 1` directions
+        :math:`(e_1, \dots, e_n, v)`. The solve is in weight space (:math:`n \times n`)
+        when :math:`n \le m` or :math:`\lambda = 0` (least squares, so a singular
+        :math:`g` gives the minimum-norm answer), else in output space,
+        :math:`-J^\top (JJ^\top + \lambda I)^{-1} h`.
+        """
+        n = w.numel()
+
+        def inner(x):
+            return jvp(self.embed, (x,), (v,))
+
+        def outer(u):
+            return jvp(inner, (w,), (u,))[1]
+
+        dirs = torch.cat([torch.eye(n, dtype=w.dtype, device=w.device), v.unsqueeze(0)])
+        ju, huv = vmap(outer)(dirs)
+        jac, h = ju[:n].T, huv[n]
+        m = jac.shape[0]
+        lam = self.damping
+        # LAPACK must not see NaN/Inf (lstsq aborts with an internal error on them, which
+        # would end a shooting solve whose trial flow blew up). Solve with finite stand-ins
+        # and let the non-finite values through to the answer instead, where the flow's
+        # own check reports them; no data-dependent branch, so this stays vmap-able.
+        poison = 0.0 * (jac.sum() + h.sum())
+        jac, h = torch.nan_to_num(jac, 0.0, 0.0, 0.0), torch.nan_to_num(h, 0.0, 0.0, 0.0)
+        if n <= m or lam == 0.0:
+            g = jac.T @ jac
+            if lam:
+                g = g + lam * torch.eye(n, dtype=w.dtype, device=w.device)
+            return poison - torch.linalg.lstsq(g, (jac.T @ h).unsqueeze(-1)).solution.squeeze(-1)
+        k = jac @ jac.T + lam * torch.eye(m, dtype=w.dtype, device=w.device)
+        return poison - jac.T @ torch.linalg.solve(k, h)
 
 
 #: Operations :math:`B(a, b)` linear in each of their first two arguments.

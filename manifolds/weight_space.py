@@ -178,8 +178,8 @@ class WeightSpace(geoopt.Manifold):
     def expmap_approx(self, x, u, *, order: int = 2) -> torch.Tensor:
         r"""Taylor approximation of :math:`\exp_x(u)`: ``order=1`` is :math:`x+u`,
         ``order=2`` is :math:`x + u - \tfrac12\Gamma_x(u, u)`."""
-        x = self.metric._check_point(x)
-        return expmap_approximation(self.metric, x, self.metric._check_tangent("u", u, x), order)
+        x = self.metric.check_point(x)
+        return expmap_approximation(self.metric, x, self.metric.check_tangent("u", u, x), order)
 
     def _geodesic_to(self, x, y):
         r"""The geodesic from ``x`` to ``y``: a :class:`riemfip.geodesic.GeodesicPath` from
@@ -227,8 +227,8 @@ class WeightSpace(geoopt.Manifold):
         point and :attr:`~GeodesicTrajectory.speed_drift`, the speed-conservation
         diagnostic (exactly 0 for an exact geodesic).
         """
-        x = self.metric._check_point(x)
-        u = self.metric._check_tangent("u", u, x)
+        x = self.metric.check_point(x)
+        u = self.metric.check_tangent("u", u, x)
         return integrate_geodesic(
             self.metric,
             x,

@@ -1,5 +1,5 @@
 """Bad input fails early with a message that names the problem; CG that misses its
-tolerance says so (warning, error or ``return_info``) with its residual."""
+tolerance says so (warning, error or ``solve_result``) with its residual."""
 
 from __future__ import annotations
 
@@ -232,24 +232,24 @@ def test_cg_not_converged_raises_when_asked(fifty_weights):
     assert info.value.iterations == 2
     assert info.value.residual > 1e-3
     # per-call maxiter overrides the metric's, and then it converges (to a reachable tol)
-    res = metric.solve(w, b, maxiter=500, tol=1e-10, return_info=True)
+    res = metric.solve_result(w, b, maxiter=500, tol=1e-10)
     assert res.converged and res.residual <= 1e-10
     torch.testing.assert_close(res.x, torch.linalg.solve(g_ref, b), rtol=1e-6, atol=1e-8)
 
 
-def test_cg_not_converged_return_info(fifty_weights):
+def test_cg_not_converged_solve_result(fifty_weights):
     net, x, w, options, g_ref = fifty_weights
     metric = PullbackMetric.from_module(net, x, maxiter=2, on_failure="ignore", **options)
     b = randn(50, seed=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)  # "ignore" means no warning
-        res = metric.solve(w, b, return_info=True)
+        res = metric.solve_result(w, b)
     assert res.converged is False
     assert res.iterations == 2 and res.method == "cg"
     assert res.residual == pytest.approx(true_residual(g_ref, res.x, b), rel=1e-6)
     assert res.residual > 1e-3
-    # the default on_failure warns, and return_info still reports the failure
+    # the default on_failure warns, and solve_result still reports the failure
     warn_metric = PullbackMetric.from_module(net, x, maxiter=2, **options)
     with pytest.warns(ConvergenceWarning):
-        res2 = warn_metric.solve(w, b, return_info=True)
+        res2 = warn_metric.solve_result(w, b)
     assert res2.converged is False and res2.residual == pytest.approx(res.residual, rel=1e-12)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from manifolds import NotConvergedError, PullbackMetric, WeightSpace
-from riemfip.geodesic import GeodesicPath, collocation, functional_acceleration, relax, shoot
+from riemfip.geodesic import GeodesicPath, collocation, relax, shoot
 
 DT = torch.float64
 
@@ -46,17 +46,20 @@ def sphere_path(sphere_metric):
     return w0, w1, shoot(sphere_metric, w0, w1, steps=16)
 
 
-def test_functional_acceleration_matches_metric(sphere_metric):
+def test_dense_acceleration_matches_closed_form_and_output_route(sphere_metric):
     w = torch.tensor([0.7, 0.3], dtype=DT)
     v = torch.tensor([0.4, -1.1], dtype=DT)
-    a = functional_acceleration(sphere_metric, w, v)
+    a = sphere_metric.dense_acceleration(w, v)
     # closed form: theta'' = sin cos phi'^2, phi'' = -2 cot(theta) theta' phi'
     th = float(w[0])
     expected = torch.tensor(
         [math.sin(th) * math.cos(th) * 1.21, -2 / math.tan(th) * 0.4 * -1.1], dtype=DT
     )
     torch.testing.assert_close(a, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(a, sphere_metric.acceleration(w, v), rtol=1e-10, atol=1e-12)
+    for method in ("output", "cg"):
+        torch.testing.assert_close(
+            a, sphere_metric.acceleration(w, v, method=method), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_shoot_sphere_great_circle(sphere_path):

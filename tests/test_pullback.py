@@ -88,7 +88,7 @@ def test_solve_matches_reference(tiny_mlp, name, damping, method):
         # minimum-norm solution pinv(g) b, which every method must return
         b = g_ref @ randn(26, seed=5)
         expected = torch.linalg.pinv(g_ref, hermitian=True, rtol=1e-10) @ b
-    res = metric.solve(w, b, method=method, return_info=True)
+    res = metric.solve_result(w, b, method=method)
     assert res.method == method
     assert res.converged, res
     assert res.residual < 1e-9
@@ -96,17 +96,17 @@ def test_solve_matches_reference(tiny_mlp, name, damping, method):
     torch.testing.assert_close(g_ref @ res.x, b, rtol=1e-8, atol=1e-10)
     # the default solver agrees, and the metric's own solver setting is honoured
     solver_metric, _, _ = setup(tiny_mlp, name, damping, solver=method)
-    assert solver_metric.solve(w, b, return_info=True).method == method
+    assert solver_metric.solve_result(w, b).method == method
 
 
 def test_auto_solver_choice(tiny_mlp):
     metric, w, g_ref = setup(tiny_mlp, "fisher", 0.1)
     b = randn(26, seed=6)
-    assert metric.solve(w, b, return_info=True).method == "dense"  # n = 26 <= 256
+    assert metric.solve_result(w, b).method == "dense"  # n = 26 <= 256
     metric.dense_max = 20
-    assert metric.solve(w, b, return_info=True).method == "output"  # m = 10 <= 256
+    assert metric.solve_result(w, b).method == "output"  # m = 10 <= 256
     metric.output_max = 5
-    res = metric.solve(w, b, return_info=True)
+    res = metric.solve_result(w, b)
     assert res.method == "cg"
     torch.testing.assert_close(res.x, torch.linalg.solve(g_ref, b), rtol=1e-8, atol=1e-10)
 
@@ -126,7 +126,7 @@ def test_acceleration_matches_christoffel_symbols_damped(tiny_mlp, name):
     assert float(expected.norm()) > 1e-3
     for method in METHODS:
         metric = PullbackMetric.from_module(net, x, output_metric=name, damping=damping)
-        res = metric.acceleration(w, v, method=method, return_info=True)
+        res = metric.acceleration_result(w, v, method=method)
         assert res.method == method and res.converged
         torch.testing.assert_close(res.x, expected, rtol=1e-8, atol=1e-9)
 
@@ -146,7 +146,7 @@ def test_acceleration_matches_christoffel_symbols_undamped_tall(name):
     expected = acceleration_ref(fn, name, 0.0, w, v)
     for method in METHODS:
         metric = PullbackMetric.from_module(net, x, output_metric=name)
-        res = metric.acceleration(w, v, method=method, return_info=True)
+        res = metric.acceleration_result(w, v, method=method)
         assert res.method == method and res.converged, res
         torch.testing.assert_close(res.x, expected, rtol=1e-7, atol=1e-8)
 

@@ -50,7 +50,7 @@ def test_sphere_acceleration_matches_christoffel_symbols(method):
         v = torch.randn(2, generator=gen, dtype=DTYPE)
         th, dth, dph = w[0], v[0], v[1]
         expected = torch.stack([th.sin() * th.cos() * dph**2, -2 * dth * dph / th.tan()])
-        res = metric.acceleration(w, v, return_info=True)
+        res = metric.acceleration_result(w, v)
         assert res.method == method
         assert res.converged
         torch.testing.assert_close(res.x, expected, rtol=1e-10, atol=1e-12)

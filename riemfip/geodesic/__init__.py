@@ -16,7 +16,6 @@ Each returns a :class:`GeodesicPath` with ``converged``, ``residual`` and
 ``message``; none returns a wrong path silently (``strict=True`` raises instead).
 """
 
-from .acceleration import functional_acceleration
 from .collocation import collocation
 from .path import GeodesicPath
 from .relax import discrete_energy, relax
@@ -26,7 +25,6 @@ __all__ = [
     "GeodesicPath",
     "collocation",
     "discrete_energy",
-    "functional_acceleration",
     "relax",
     "shoot",
 ]

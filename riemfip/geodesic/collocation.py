@@ -5,7 +5,7 @@ The first-order system :math:`y = (w, v)`, :math:`\dot w = v`,
 with :math:`w(0) = w_0`, :math:`w(1) = w_1`, is solved by scipy's fourth-order
 collocation with residual control and mesh refinement. The right-hand side
 and its Jacobian are evaluated on the whole mesh at once (:func:`torch.func.vmap` of
-:func:`~riemfip.geodesic.acceleration.functional_acceleration` and its ``jacfwd``),
+:meth:`manifolds.PullbackMetric.dense_acceleration` and its ``jacfwd``),
 in float64; it is for checking the other solvers on problems with a handful of
 weights, not for networks.
 """
@@ -22,7 +22,6 @@ from torch.func import jacfwd, vmap
 
 from manifolds import integrate_geodesic
 
-from .acceleration import functional_acceleration
 from .endpoints import check_endpoints
 from .path import GeodesicPath
 
@@ -97,7 +96,7 @@ def collocation(
     b = w1.detach().double().cpu()
 
     def rhs(y):
-        return torch.cat([y[n:], functional_acceleration(metric, y[:n], y[n:])])
+        return torch.cat([y[n:], metric.dense_acceleration(y[:n], y[n:])])
 
     batched_rhs, batched_jac = vmap(rhs), vmap(jacfwd(rhs))
 

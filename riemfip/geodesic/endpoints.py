@@ -26,8 +26,8 @@ def check_endpoints(metric, w0, w1) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if not isinstance(metric, PullbackMetric):
         raise TypeError(f"metric must be a manifolds.PullbackMetric, got {type(metric).__name__}")
-    w0 = metric._check_point(w0)
-    w1 = metric._check_tangent("w1", w1, w0)
+    w0 = metric.check_point(w0)
+    w1 = metric.check_tangent("w1", w1, w0)
     return w0, w1
 
 

@@ -21,7 +21,7 @@ Newton step :math:`DR(z)\,\delta = -R(z)`, then a backtracking line search on
     The full Jacobian by forward differences of a *batched* flow: the
     :math:`\dim z + 1` initial conditions :math:`z, z + \epsilon e_i` are integrated
     together in one :func:`torch.func.vmap` call of an RK4 on
-    :func:`~riemfip.geodesic.acceleration.functional_acceleration` (dense or
+    :meth:`manifolds.PullbackMetric.dense_acceleration` (dense or
     output-space solve). Each trial point of the line search is evaluated this way,
     so an accepted Newton step costs about one flow. For small :math:`n`. (Forward
     mode through the same flow, :func:`torch.func.jacfwd`, i.e. the variational
@@ -56,7 +56,6 @@ from torch.func import vmap
 
 from manifolds import integrate_geodesic
 
-from .acceleration import functional_acceleration
 from .endpoints import check_endpoints, default_tol
 from .path import GeodesicPath
 
@@ -170,7 +169,7 @@ def shoot(
     # ---------------------------------------------------------------- start
     meta: dict = {"steps": steps, "segments": segments, "jacobian": jacobian}
     if v0 is not None:
-        v_init = metric._check_tangent("v0", v0, w0)
+        v_init = metric.check_tangent("v0", v0, w0)
         meta["init"] = "v0"
     elif init == "relax":
         from .relax import relax
@@ -413,12 +412,11 @@ class _ShootingProblem:
     def _flow(self, w, v):
         dt = 1.0 / (self.S * self.seg_steps)
         for _ in range(self.seg_steps):
-            a1 = functional_acceleration(self.metric, w, v)
-            a2 = functional_acceleration(self.metric, w + 0.5 * dt * v, v + 0.5 * dt * a1)
-            a3 = functional_acceleration(
-                self.metric, w + 0.5 * dt * (v + 0.5 * dt * a1), v + 0.5 * dt * a2
+            a1 = self.metric.dense_acceleration(w, v)
+            a2 = self.metric.dense_acceleration(w + 0.5 * dt * v, v + 0.5 * dt * a1)
+            a3 = self.metric.dense_acceleration(w + 0.5 * dt * (v + 0.5 * dt * a1), v + 0.5 * dt * a2
             )
-            a4 = functional_acceleration(self.metric, w + dt * (v + 0.5 * dt * a2), v + dt * a3)
+            a4 = self.metric.dense_acceleration(w + dt * (v + 0.5 * dt * a2), v + dt * a3)
             w, v = (
                 w + dt * v + (dt * dt / 6.0) * (a1 + a2 + a3),
                 v + (dt / 6.0) * (a1 + 2 * a2 + 2 * a3 + a4),
