@@ -42,7 +42,13 @@ from torch import nn
 from torch.func import jacfwd, jacrev, jvp, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from .conjugate_gradient import SolveResult, conjugate_gradient, default_tolerance, report_failure, status_of
+from .conjugate_gradient import (
+    SolveResult,
+    conjugate_gradient,
+    default_tolerance,
+    report_failure,
+    status_of,
+)
 from .flat import FlatModule
 from .linear_jacobian import linear_jacobian, linear_layers
 from .output_metrics import OutputMetric, get_output_metric
@@ -469,7 +475,14 @@ class PullbackMetric:
                 g = self.dense(w)
                 x = self._dense_solve(g, b)
                 r = self._residual(w, x, b, g @ x)
-                res = SolveResult(x, r, 0, status_of(r, _direct_tol(tol, b.dtype)), "dense", _direct_tol(tol, b.dtype))
+                res = SolveResult(
+                    x,
+                    r,
+                    0,
+                    status_of(r, _direct_tol(tol, b.dtype)),
+                    "dense",
+                    _direct_tol(tol, b.dtype),
+                )
             else:
                 evals, evecs, vjp_fn = self._output_gram(w)
                 jb = evecs.T @ self._jvp(w, b)
@@ -482,7 +495,14 @@ class PullbackMetric:
                     # pseudo-inverse: (J^T J)^+ b = J^T K^{-2} J b
                     x = vjp_fn(evecs @ (self._inverse_spectrum(evals, 2) * jb))[0]
                 r = self._residual(w, x, b)
-                res = SolveResult(x, r, 0, status_of(r, _direct_tol(tol, b.dtype)), "output", _direct_tol(tol, b.dtype))
+                res = SolveResult(
+                    x,
+                    r,
+                    0,
+                    status_of(r, _direct_tol(tol, b.dtype)),
+                    "output",
+                    _direct_tol(tol, b.dtype),
+                )
         report_failure(res, self.on_failure)
         return res
 
@@ -554,9 +574,7 @@ class PullbackMetric:
         ``x0``, e.g. the previous step's acceleration). Arguments as for :meth:`solve`;
         :meth:`acceleration_result` for the residual and status.
         """
-        return self.acceleration_result(
-            w, v, method=method, tol=tol, maxiter=maxiter, x0=x0
-        ).x
+        return self.acceleration_result(w, v, method=method, tol=tol, maxiter=maxiter, x0=x0).x
 
     def acceleration_result(
         self,
@@ -582,7 +600,6 @@ class PullbackMetric:
                 a = self.dense_acceleration(w, v)
                 _, h = self._jvp2(w, v)
                 r = self._residual(w, a, -self._vjp(w, h))
-                direct = True
             elif method == "cg":
                 _, h = self._jvp2(w, v)
                 return self._solve(w, -self._vjp(w, h), method, tol, maxiter, x0)

@@ -414,7 +414,8 @@ class _ShootingProblem:
         for _ in range(self.seg_steps):
             a1 = self.metric.dense_acceleration(w, v)
             a2 = self.metric.dense_acceleration(w + 0.5 * dt * v, v + 0.5 * dt * a1)
-            a3 = self.metric.dense_acceleration(w + 0.5 * dt * (v + 0.5 * dt * a1), v + 0.5 * dt * a2
+            a3 = self.metric.dense_acceleration(
+                w + 0.5 * dt * (v + 0.5 * dt * a1), v + 0.5 * dt * a2
             )
             a4 = self.metric.dense_acceleration(w + dt * (v + 0.5 * dt * a2), v + dt * a3)
             w, v = (
