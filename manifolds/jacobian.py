@@ -54,6 +54,10 @@ class JacobianOperator:
         """:math:`K = JJ^\\top`, symmetric, shape ``(m, m)``."""
         raise NotImplementedError
 
+    def trace(self) -> float:
+        """:math:`\\operatorname{tr} K = \\|J\\|_F^2`."""
+        return float(self.gram().diagonal().sum())
+
 
 class AutogradJacobian(JacobianOperator):
     """:math:`J` of any map ``embed: w -> F(w)`` at ``w``, by :mod:`torch.func`.
