@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from dense_reference import DTYPE, dense_metric_ref, flat_weights, logits_fn, make_mlp, randn
+from torch import nn
 
 from manifolds import (
     ConvergenceWarning,
@@ -253,3 +254,30 @@ def test_cg_not_converged_solve_result(fifty_weights):
     with pytest.warns(ConvergenceWarning):
         res2 = warn_metric.solve_result(w, b)
     assert res2.converged is False and res2.residual == pytest.approx(res.residual, rel=1e-12)
+
+
+def test_singular_metric_step_is_refused_and_weights_untouched():
+    """A README-style RiemannianSGD step on an undamped metric with more weights than outputs
+    (CG on a singular g; the gradient has a part g cannot see) is refused with the solve's
+    residual; the parameter keeps its value instead of taking a step of norm ~1e18."""
+    import geoopt
+
+    from manifolds import flat_parameter
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 10)).double()
+    x_a, x_b = torch.randn(40, 20, dtype=DTYPE), torch.randn(16, 20, dtype=DTYPE)
+    y_b = torch.randint(0, 10, (16,))
+    metric = PullbackMetric.from_module(
+        net, x_a, output_metric="fisher", on_failure="ignore", maxiter=60
+    )
+    assert metric.damping == 0 and metric._method(flat_weights(net), None) == "cg"
+    space = WeightSpace(metric)
+    w = flat_parameter(net, space)
+    before = w.detach().clone()
+    opt = geoopt.optim.RiemannianSGD([w], lr=0.1)
+    nn.functional.cross_entropy(metric.module(w, x_b), y_b).backward()
+    with pytest.raises(NotConvergedError, match="no step is taken") as info:
+        opt.step()
+    assert info.value.residual > 1e-3
+    assert torch.equal(w.detach(), before)
