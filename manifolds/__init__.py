@@ -25,9 +25,10 @@ from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_g
 from .gram import OutputGram
 from .jacobian import AutogradJacobian, JacobianOperator
 from .output_metrics import Bhattacharyya, Euclidean, OutputMetric, SoftmaxFisher, get_output_metric
-from .pullback import PullbackMetric, as_batches
+from .pullback import PullbackMetric
 from .spectrum import Spectrum, lanczos
 from .status import Status
+from .task_data import as_batches
 from .validation import ConvergenceWarning, NotConvergedError
 from .weight_space import WeightSpace, flat_parameter, write_point
 

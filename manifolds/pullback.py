@@ -53,66 +53,12 @@ from .jacobian import JacobianOperator, jacobian_at
 from .linear_jacobian import linear_jacobian, linear_layers
 from .output_metrics import OutputMetric, get_output_metric
 from .spectrum import Spectrum, lanczos
-from .validation import check_finite, check_vector
+from .task_data import ModuleOutputs, as_batches, check_module_takes
+from .validation import check_vector
 
-__all__ = ["PullbackMetric", "as_batches"]
+__all__ = ["PullbackMetric"]
 
 _METHODS = ("auto", "dense", "output", "cg")
-
-
-def as_batches(data: torch.Tensor | Iterable) -> list[torch.Tensor]:
-    """Materialise input data as a list of input tensors.
-
-    ``data`` is a tensor (one batch) or an iterable of batches, each a tensor or
-    an ``(inputs, targets, ...)`` tuple/list whose first item is taken (a
-    :class:`torch.utils.data.DataLoader` works).
-
-    Raises
-    ------
-    TypeError, ValueError
-        Nothing iterable, non-tensor batches, no batches, NaN/Inf, or batches on
-        different devices.
-    """
-    if isinstance(data, torch.Tensor):
-        batches = [data]
-    else:
-        try:
-            items = list(data)
-        except TypeError:
-            raise TypeError(
-                f"inputs must be a tensor or an iterable of batches, got {type(data).__name__}"
-            ) from None
-        batches = []
-        for i, item in enumerate(items):
-            x = item[0] if isinstance(item, (tuple, list)) else item
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"batch {i} is a {type(x).__name__}, expected a tensor")
-            batches.append(x)
-    if not batches:
-        raise ValueError("inputs hold no batches")
-    for i, x in enumerate(batches):
-        if x.ndim == 0 or x.shape[0] == 0:
-            raise ValueError(f"batch {i} has shape {tuple(x.shape)}: expected (batch, ...)")
-        check_finite(f"inputs (batch {i})", x)
-        if x.device != batches[0].device:
-            raise ValueError(f"batch {i} is on {x.device}, batch 0 on {batches[0].device}")
-    return batches
-
-
-class _ModuleOutputs:
-    """``w -> module(x)`` over all batches, concatenated along the sample axis, in eval mode.
-
-    A class rather than a closure so that a metric built from a module pickles
-    (for multi-process use) whenever the module does.
-    """
-
-    def __init__(self, flat: FlatModule, batches: list[torch.Tensor]):
-        self.flat = flat
-        self.batches = batches
-
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        outs = [self.flat(w, x, train=False) for x in self.batches]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 class PullbackMetric:
@@ -155,11 +101,8 @@ class PullbackMetric:
     Notes
     -----
     :meth:`matvec` costs one dual-number forward pass (:mod:`torch.autograd.forward_ad`)
-    that keeps the primal's autograd graph, plus one backward pass of the tangent.
-    Measured on 2 CPU cores (``benchmarks/matvec.py``, 1 thread, CPU time): the product
-    costs 1.7–1.9× a loss forward+backward for an MLP 784-300-100-10 at batch 256 and
-    about 2.1× for VGG11 at 32×32, batch 32; the floor by counting matrix products is
-    about 1.5 and 1.7.
+    that keeps the primal's autograd graph, plus one backward pass of the tangent; its
+    measured cost against a loss's forward and backward pass is in ``benchmarks/README.md``.
 
     Examples
     --------
@@ -247,8 +190,9 @@ class PullbackMetric:
         """
         flat = module if isinstance(module, FlatModule) else FlatModule(module, params)
         batches = as_batches(inputs)
+        check_module_takes(flat, batches)
         metric = cls(
-            _ModuleOutputs(flat, batches),
+            ModuleOutputs(flat, batches),
             output_metric=output_metric,
             damping=damping,
             dim=flat.dim,

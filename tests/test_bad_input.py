@@ -102,11 +102,22 @@ def test_bad_points(metric_w, make_w, error, pattern):
 def test_dtype_mismatch_between_weights_and_inputs():
     net = make_mlp((3, 4, 2))  # float64 weights
     x32 = torch.zeros(5, 3)  # float32 inputs
-    metric = PullbackMetric.from_module(net, x32)
-    with pytest.raises(
-        TypeError, match="weights have dtype torch.float64.*inputs have dtype torch.float32"
-    ):
-        metric.matvec(flat_weights(net), torch.zeros(26, dtype=DTYPE))
+    pattern = "weights have dtype torch.float64.*inputs have dtype torch.float32"
+    with pytest.raises(TypeError, match=pattern):  # caught where the metric is made
+        PullbackMetric.from_module(net, x32)
+    metric = PullbackMetric.from_module(net, x32.double())
+    with pytest.raises(TypeError, match="weights have dtype torch.float32.*inputs have dtype"):
+        metric.matvec(flat_weights(net).float(), torch.zeros(26))
+
+
+def test_inputs_the_network_cannot_take_fail_where_the_metric_is_made():
+    net = make_mlp((3, 4, 2))
+    with pytest.raises(ValueError, match=r"inputs of shape \(5, 4\).*cannot be fed to Sequential"):
+        PullbackMetric.from_module(net, torch.zeros(5, 4, dtype=DTYPE))
+    with torch.no_grad():
+        net[0].weight.fill_(math.nan)
+    with pytest.raises(ValueError, match="outputs on the task inputs contain NaN or Inf"):
+        PullbackMetric.from_module(net, torch.ones(5, 3, dtype=DTYPE))
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from manifolds import as_batches
 from manifolds.flat import FlatModule
 from manifolds.output_metrics import OutputMetric
-from manifolds.pullback import as_batches
 
 __all__ = ["Anchor", "AnchorDrift", "holdout_mask"]
 
