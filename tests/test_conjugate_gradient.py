@@ -60,3 +60,29 @@ def test_reported_residual_is_the_true_one_in_float32():
     # (b - A x in float32 itself carries rounding: agreement within 2x, not 30x)
     assert true / 2 < res.residual < 2 * true
     assert res.converged == (true <= 1e-5)
+
+
+def test_batched_preconditioned_cg_solves_each_row_like_a_single_solve():
+    """Rows of a 2-D right-hand side are solved independently (one batched product per
+    iteration); a good preconditioner cuts the iterations; a zero row stays zero."""
+    a = _spd(40, 1e4, seed=8)
+    b = torch.randn(3, 40, dtype=DT, generator=torch.Generator().manual_seed(9))
+    b[1] = 0.0
+    res = conjugate_gradient(lambda v: v @ a, b, tol=1e-11)
+    assert res.converged and res.x.shape == (3, 40)
+    for i in (0, 2):
+        torch.testing.assert_close(res.x[i], torch.linalg.solve(a, b[i]), rtol=1e-8, atol=1e-8)
+    assert torch.equal(res.x[1], torch.zeros(40, dtype=DT))
+    evals, evecs = torch.linalg.eigh(a)
+    inverse = (evecs / evals) @ evecs.T  # the exact inverse: one iteration suffices
+    pre = conjugate_gradient(lambda v: v @ a, b, tol=1e-11, preconditioner=lambda r: r @ inverse)
+    assert pre.converged and pre.iterations < res.iterations and pre.iterations <= 3
+    torch.testing.assert_close(pre.x, res.x, rtol=1e-8, atol=1e-8)
+
+
+def test_inconsistent_singular_system_stops_with_a_status_not_a_huge_answer():
+    j = torch.randn(3, 8, dtype=DT, generator=torch.Generator().manual_seed(10))
+    b = torch.randn(8, dtype=DT, generator=torch.Generator().manual_seed(11))  # not in range
+    res = conjugate_gradient(lambda v: j.T @ (j @ v), b, tol=1e-10, maxiter=200)
+    assert not res.converged and res.status.name in ("BREAKDOWN", "MAX_ITERATIONS", "NON_FINITE")
+    assert res.residual > 0.1 and f"{res.residual:.3e}" in res.message
