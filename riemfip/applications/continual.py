@@ -31,12 +31,11 @@ accuracy the task ever had before the final task, minus its final accuracy).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +45,8 @@ from tqdm.auto import tqdm
 
 from riemfip.data import Dataset
 
-from ..plotting import pyplot
-from ..records import json_record
+from ..plotting import png_figure
+from ..records import JsonRecord
 from .continual_methods import (
     EWC,
     ContinualMethod,
@@ -100,7 +99,7 @@ def forgetting(accuracy: np.ndarray) -> tuple[float, list[float]]:
 
 
 @dataclass
-class ContinualResult:
+class ContinualResult(JsonRecord):
     """Outcome of :func:`run_continual`.
 
     Attributes
@@ -122,7 +121,12 @@ class ContinualResult:
         Training time of each task (including the method's end-of-task work).
     diagnostics : list of dict
         The method's diagnostics after each task (e.g. EWC Fisher scale, FIP drift).
+
+    The JSON record (:meth:`to_json`, tagged ``"application": "continual"``) also holds
+    ``average_accuracy``, ``forgetting`` and ``per_task_forgetting``.
     """
+
+    application = "continual"
 
     method: str
     method_config: dict
@@ -149,29 +153,14 @@ class ContinualResult:
         return forgetting(self.accuracy)[1]
 
     def to_dict(self) -> dict:
-        """JSON-ready dictionary, summary numbers included."""
-        d = asdict(self)
-        d["accuracy"] = np.asarray(self.accuracy).tolist()
-        d["average_accuracy"] = self.average_accuracy
-        d["forgetting"] = None if math.isnan(self.forgetting) else self.forgetting
-        d["per_task_forgetting"] = self.per_task_forgetting
-        return d
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text; also written to ``path`` when given."""
-        return json_record(self.to_dict(), path)
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> ContinualResult:
-        """Read a record written by :meth:`to_json` (JSON text or a file path)."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        d = json.loads(text)
-        names = {f for f in cls.__dataclass_fields__}
-        d = {k: v for k, v in d.items() if k in names}
-        d["accuracy"] = np.asarray(d["accuracy"], dtype=float)
-        return cls(**d)
+        """JSON-ready dictionary: the fields, then the summary numbers (not read back)."""
+        fg = self.forgetting
+        return {
+            **super().to_dict(),
+            "average_accuracy": self.average_accuracy,
+            "forgetting": None if math.isnan(fg) else fg,
+            "per_task_forgetting": self.per_task_forgetting,
+        }
 
     def summary(self) -> str:
         """A few lines: the accuracy matrix, average accuracy and forgetting."""
@@ -189,35 +178,30 @@ class ContinualResult:
 
     def plot_heatmap(self, file: str | Path, *, title: str | None = None) -> Path:
         """Write the accuracy matrix as a PNG heat map (needs matplotlib) and return the path."""
-        plt = pyplot()
         r = np.asarray(self.accuracy)
         n = r.shape[0]
-        fig, ax = plt.subplots(figsize=(2.6 + 0.9 * n, 1.4 + 0.8 * n), dpi=120)
-        im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j, i, f"{r[i, j]:.1f}", ha="center", va="center",
-                    color="white" if r[i, j] < 60 else "black", fontsize=8,
-                )  # fmt: skip
-        ax.set_xticks(range(n), [", ".join(map(str, c)) for c in self.task_classes], fontsize=7)
-        ax.set_yticks(range(n), [f"after {i}" for i in range(n)], fontsize=7)
-        ax.set_xlabel("evaluated on task (classes)")
-        ax.set_ylabel("trained through task")
-        fg = self.forgetting
-        ax.set_title(
-            title
-            or f"{self.method}, {self.scenario}-incr.: avg {self.average_accuracy:.1f}%"
-            + ("" if math.isnan(fg) else f", forgetting {fg:.1f}"),
-            fontsize=9,
-        )
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
-        fig.tight_layout()
-        file = Path(file)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(file)
-        plt.close(fig)
-        return file
+        with png_figure(file, figsize=(2.6 + 0.9 * n, 1.4 + 0.8 * n)) as (fig, ax):
+            im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
+            for i in range(n):
+                for j in range(n):
+                    ax.text(
+                        j, i, f"{r[i, j]:.1f}", ha="center", va="center",
+                        color="white" if r[i, j] < 60 else "black", fontsize=8,
+                    )  # fmt: skip
+            labels = [", ".join(map(str, c)) for c in self.task_classes]
+            ax.set_xticks(range(n), labels, fontsize=7)
+            ax.set_yticks(range(n), [f"after {i}" for i in range(n)], fontsize=7)
+            ax.set_xlabel("evaluated on task (classes)")
+            ax.set_ylabel("trained through task")
+            fg = self.forgetting
+            ax.set_title(
+                title
+                or f"{self.method}, {self.scenario}-incr.: avg {self.average_accuracy:.1f}%"
+                + ("" if math.isnan(fg) else f", forgetting {fg:.1f}"),
+                fontsize=9,
+            )
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
+        return Path(file)
 
 
 def _check_tasks(tasks: Sequence[Dataset]) -> list[Dataset]:

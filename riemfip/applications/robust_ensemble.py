@@ -44,8 +44,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..plotting import pyplot
-from ..records import json_record
+from ..plotting import png_figure
+from ..records import JsonRecord
 from .attacks import AttackConfig, attack, pgd, robust_accuracy
 from .classifiers import (
     Classifier,
@@ -323,7 +323,7 @@ def default_attacks(
 
 
 @dataclass
-class RobustnessRow:
+class RobustnessRow(JsonRecord):
     """Accuracy of one classifier under one attack.
 
     Attributes
@@ -344,7 +344,7 @@ class RobustnessRow:
 
 
 @dataclass
-class RobustnessResult:
+class RobustnessResult(JsonRecord):
     """Clean and adversarial accuracy of several classifiers.
 
     Attributes
@@ -354,7 +354,11 @@ class RobustnessResult:
         Architecture, data, training budgets, FIP settings, seeds.
     diagnostics : dict
         Per-model extras (e.g. FIP drift, member accuracies).
+
+    The JSON record (:meth:`to_json`) is tagged ``"application": "robust_ensemble"``.
     """
+
+    application = "robust_ensemble"
 
     rows: list[RobustnessRow] = field(default_factory=list)
     config: dict = field(default_factory=dict)
@@ -373,29 +377,6 @@ class RobustnessResult:
             ):
                 return r.accuracy
         raise KeyError(f"no row for {model!r} under {attack!r} at eps {eps}")
-
-    def to_dict(self) -> dict:
-        return {
-            "application": "robust_ensemble",
-            "config": self.config,
-            "diagnostics": self.diagnostics,
-            "rows": [
-                {"model": r.model, "size": r.size, "attack": r.attack, "accuracy": r.accuracy}
-                for r in self.rows
-            ],
-        }
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text; also written to ``path`` when given."""
-        return json_record(self.to_dict(), path)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> RobustnessResult:
-        data = json.loads(Path(path).read_text())
-        if data.get("application") != "robust_ensemble":
-            raise ValueError(f"{path} is not a robust_ensemble record")
-        rows = [RobustnessRow(**r) for r in data["rows"]]
-        return cls(rows, data["config"], data.get("diagnostics", {}))
 
     def table(self) -> str:
         """Accuracy (%) by model (rows) and attack (columns)."""
@@ -417,48 +398,44 @@ class RobustnessResult:
 
     def plot(self, path: str | Path) -> Path:
         """PNG of accuracy against ε, one panel per attack (FGSM, PGD), one line per model."""
-        plt = pyplot()
-
         names = [a for a in ("fgsm", "pgd") if any(r.attack["name"] == a for r in self.rows)]
         ncols = max(len(names), 1)
-        fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
-        axes = list(axes[0])
-        for ax, name in zip(axes, names, strict=False):
-            for m in self.models():
-                pts = sorted(
-                    (r.attack["eps"], r.accuracy)
-                    for r in self.rows
-                    if r.model == m and r.attack["name"] == name
+        with png_figure(path, ncols=ncols, figsize=(5 * ncols, 4), squeeze=False) as (_, axes):
+            for ax, name in zip(axes[0], names, strict=False):
+                for m in self.models():
+                    self._plot_model(ax, m, name)
+                example = next(r.attack for r in self.rows if r.attack["name"] == name)
+                detail = (
+                    f"{example['steps']} steps of eps/10, "
+                    f"{'random start' if example['random_start'] else 'no random start'}"
+                    if name == "pgd"
+                    else "one step of eps"
                 )
-                try:
-                    pts = [(0.0, self.accuracy(m, "clean"))] + pts
-                except KeyError:
-                    pass
-                size = next(r.size for r in self.rows if r.model == m)
-                ax.plot(
-                    [e for e, _ in pts],
-                    [100 * a for _, a in pts],
-                    marker="o",
-                    label=f"{m} (n={size})",
-                )
-            example = next(r.attack for r in self.rows if r.attack["name"] == name)
-            detail = (
-                f"{example['steps']} steps of eps/10, "
-                f"{'random start' if example['random_start'] else 'no random start'}"
-                if name == "pgd"
-                else "one step of eps"
-            )
-            ax.set_title(f"{name.upper()} (L∞, white-box, mean softmax): {detail}", fontsize=9)
-            ax.set_xlabel("ε (pixels in [0, 1])")
-            ax.set_ylabel("test accuracy (%)")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+                ax.set_title(f"{name.upper()} (L∞, white-box, mean softmax): {detail}", fontsize=9)
+                ax.set_xlabel("ε (pixels in [0, 1])")
+                ax.set_ylabel("test accuracy (%)")
+                ax.grid(alpha=0.3)
+                ax.legend()
+        return Path(path)
+
+    def _plot_model(self, ax, model: str, attack: str) -> None:
+        """Accuracy of ``model`` against ε under ``attack``, from its clean accuracy at ε = 0."""
+        pts = sorted(
+            (r.attack["eps"], r.accuracy)
+            for r in self.rows
+            if r.model == model and r.attack["name"] == attack
+        )
+        try:
+            pts = [(0.0, self.accuracy(model, "clean"))] + pts
+        except KeyError:
+            pass
+        size = next(r.size for r in self.rows if r.model == model)
+        ax.plot(
+            [e for e, _ in pts],
+            [100 * a for _, a in pts],
+            marker="o",
+            label=f"{model} (n={size})",
+        )
 
 
 def evaluate_robustness(

@@ -42,7 +42,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,8 +53,8 @@ from tqdm.auto import tqdm
 
 from manifolds.output_metrics import get_output_metric
 
-from ..plotting import pyplot
-from ..records import json_record
+from ..plotting import png_figure
+from ..records import JsonRecord
 from .classifiers import accuracy, minibatches, train_classifier
 from .fip_settings import resolve_fip_settings
 
@@ -206,7 +206,7 @@ def prune_finetune(
 
 
 @dataclass
-class SparsifyRow:
+class SparsifyRow(JsonRecord):
     """One pruned network.
 
     Attributes
@@ -232,7 +232,7 @@ class SparsifyRow:
 
 
 @dataclass
-class SparsifyResult:
+class SparsifyResult(JsonRecord):
     """A sparsity sweep: dense accuracy and one :class:`SparsifyRow` per method and sparsity.
 
     Attributes
@@ -241,7 +241,11 @@ class SparsifyResult:
     rows : list of SparsifyRow
     config : dict
         Everything needed to rerun (architecture, data, budgets, seeds, learning rates).
+
+    The JSON record (:meth:`to_json`) is tagged ``"application": "sparsify"``.
     """
+
+    application = "sparsify"
 
     dense_test_accuracy: float
     dense_train_accuracy: float
@@ -257,27 +261,6 @@ class SparsifyResult:
             if r.method == method and math.isclose(r.target_sparsity, target_sparsity):
                 return r
         raise KeyError(f"no row for method {method!r} at sparsity {target_sparsity}")
-
-    def to_dict(self) -> dict:
-        return {
-            "application": "sparsify",
-            "dense_test_accuracy": self.dense_test_accuracy,
-            "dense_train_accuracy": self.dense_train_accuracy,
-            "config": self.config,
-            "rows": [asdict(r) for r in self.rows],
-        }
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text; also written to ``path`` when given."""
-        return json_record(self.to_dict(), path)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> SparsifyResult:
-        data = json.loads(Path(path).read_text())
-        if data.get("application") != "sparsify":
-            raise ValueError(f"{path} is not a sparsify record")
-        rows = [SparsifyRow(**r) for r in data["rows"]]
-        return cls(data["dense_test_accuracy"], data["dense_train_accuracy"], rows, data["config"])
 
     def table(self) -> str:
         """Test accuracy (%) by method (rows) and target sparsity (columns)."""
@@ -296,30 +279,22 @@ class SparsifyResult:
 
     def plot(self, path: str | Path) -> Path:
         """PNG of test accuracy against sparsity, one line per method, dense as a reference."""
-        plt = pyplot()
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m in self.methods():
-            rows = sorted((r for r in self.rows if r.method == m), key=lambda r: r.sparsity)
-            ax.plot(
-                [100 * r.sparsity for r in rows],
-                [100 * r.test_accuracy for r in rows],
-                marker="o",
-                label=m,
-            )
-        ax.axhline(100 * self.dense_test_accuracy, color="k", ls="--", lw=1, label="dense")
-        ax.set_xlabel("global weight sparsity (%)")
-        ax.set_ylabel("test accuracy (%)")
-        arch = self.config.get("architecture", "")
-        ax.set_title(f"Pruning {arch}".strip())
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        with png_figure(path, figsize=(6, 4)) as (fig, ax):
+            for m in self.methods():
+                rows = sorted((r for r in self.rows if r.method == m), key=lambda r: r.sparsity)
+                ax.plot(
+                    [100 * r.sparsity for r in rows],
+                    [100 * r.test_accuracy for r in rows],
+                    marker="o",
+                    label=m,
+                )
+            ax.axhline(100 * self.dense_test_accuracy, color="k", ls="--", lw=1, label="dense")
+            ax.set_xlabel("global weight sparsity (%)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(f"Pruning {self.config.get('architecture', '')}".strip())
+            ax.grid(alpha=0.3)
+            ax.legend()
+        return Path(path)
 
 
 def evaluate_row(

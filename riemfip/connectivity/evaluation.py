@@ -42,7 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from manifolds import FlatModule, PullbackMetric, as_batches
 
-from ..records import json_record
+from ..records import JsonRecord
 
 __all__ = [
     "ConnectivityReport",
@@ -144,7 +144,7 @@ def _recompute_batchnorm(
 
 # ---------------------------------------------------------------------- results
 @dataclass
-class PathEvaluation:
+class PathEvaluation(JsonRecord):
     r"""Loss and accuracy at each point of a path, and the path's lengths.
 
     Attributes
@@ -214,18 +214,12 @@ class PathEvaluation:
         }
 
     def to_dict(self) -> dict:
-        """Everything as JSON-ready Python values."""
-        return {
-            "name": self.name,
-            "t": self.t.tolist(),
-            "loss": self.loss.tolist(),
-            "accuracy": self.accuracy.tolist(),
-            **self.summary(),
-        }
+        """The fields as JSON values, then :meth:`summary` (not read back)."""
+        return {**super().to_dict(), **self.summary()}
 
 
 @dataclass
-class ConnectivityReport:
+class ConnectivityReport(JsonRecord):
     """Several paths between the same two networks, evaluated on the same data.
 
     Attributes
@@ -233,7 +227,12 @@ class ConnectivityReport:
     paths : dict of str to PathEvaluation
     metadata : dict
         Free-form, JSON-serialisable context (data sizes, metric, timings).
+
+    The JSON record (:meth:`to_json`) is tagged ``"application": "connectivity"``; each
+    path's entry also holds its :meth:`PathEvaluation.summary`.
     """
+
+    application = "connectivity"
 
     paths: dict[str, PathEvaluation]
     metadata: dict = field(default_factory=dict)
@@ -244,16 +243,6 @@ class ConnectivityReport:
     def summary(self) -> dict[str, dict]:
         """``{path name: PathEvaluation.summary()}``."""
         return {name: ev.summary() for name, ev in self.paths.items()}
-
-    def to_dict(self) -> dict:
-        return {
-            "metadata": self.metadata,
-            "paths": {name: ev.to_dict() for name, ev in self.paths.items()},
-        }
-
-    def to_json(self, file: str | Path | None = None, *, indent: int = 2) -> str:
-        """The report as JSON text; also written to ``file`` when given."""
-        return json_record(self.to_dict(), file, indent=indent)
 
     def table(self) -> str:
         """A plain-text table, one row per path."""
