@@ -33,6 +33,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from .checkpoint import write_atomically
+
 __all__ = ["JsonRecord", "json_record", "jsonable", "read_json"]
 
 R = TypeVar("R", bound="JsonRecord")
@@ -54,12 +56,14 @@ def jsonable(value: Any) -> Any:
 
 
 def json_record(record: dict, path: str | Path | None = None, *, indent: int = 2) -> str:
-    """``record`` as JSON text; also written to ``path`` (with a final newline) when given."""
+    """``record`` as JSON text; also written to ``path`` (with a final newline) when given.
+
+    The file is replaced atomically (:func:`riemfip.checkpoint.write_atomically`), so a
+    record that doubles as a checkpoint (``sparsify_sweep``) is never left half written.
+    """
     text = json.dumps(jsonable(record), indent=indent)
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        write_atomically(path, lambda fh: fh.write((text + "\n").encode()))
     return text
 
 

@@ -32,7 +32,6 @@ accuracy the task ever had before the final task, minus its final accuracy).
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from tqdm.auto import tqdm
 
 from riemfip.data import Dataset
 
+from ..checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
 from ..plotting import png_figure
 from ..records import JsonRecord
 from .continual_methods import (
@@ -292,9 +292,11 @@ def run_continual(
         Seeds the initialisation, and each task's shuffling and memory choice
         (per task, so that a resumed run is identical to an uninterrupted one).
     checkpoint_dir : str or Path, optional
-        After each task the state is saved to ``checkpoint_dir/task_NN.pt``; a later
-        call with the same settings resumes after the last saved task. A checkpoint
-        written with different settings raises ``ValueError``.
+        After each task the state is saved to ``checkpoint_dir/task_NN.pt``
+        (:func:`riemfip.checkpoint.save_checkpoint`); a later call with the same
+        settings resumes after the last saved task. A checkpoint written with
+        different settings raises :class:`~riemfip.checkpoint.SettingsMismatchError`
+        (a ``ValueError`` naming the setting).
     progress : bool
         Show a tqdm progress bar over the training steps.
 
@@ -335,7 +337,7 @@ def run_continual(
         "model": type(model).__name__,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
-    signature = {
+    settings = {
         "method": method.name,
         "method_config": method.config(),
         "scenario": scenario,
@@ -347,19 +349,14 @@ def run_continual(
     diagnostics: list[dict] = []
     start_task = 0
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
-    if ckpt is not None:
-        state = _latest_checkpoint(ckpt, len(tasks))
-        if state is not None:
-            if state["signature"] != signature:
-                raise ValueError(
-                    f"checkpoint in {ckpt} was written by a different run: "
-                    f"{state['signature']} vs {signature}; use another checkpoint_dir"
-                )
-            model.load_state_dict(state["model"])
-            method.load_state_dict(state["method"])
-            memory.load_state_dict(state["memory"])
-            rows, seconds, diagnostics = state["rows"], state["seconds"], state["diagnostics"]
-            start_task = state["task"] + 1
+    saved = _latest_checkpoint(ckpt, len(tasks), settings, device)
+    if saved is not None:
+        state = saved.state
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        memory.load_state_dict(state["memory"])
+        rows, seconds, diagnostics = state["rows"], state["seconds"], state["diagnostics"]
+        start_task = saved.step
 
     steps = 0
     for t in range(start_task, len(tasks)):
@@ -382,20 +379,15 @@ def run_continual(
             diagnostics.append(method.diagnostics())
             bar.set_postfix_str(f"task {t}: {rows[-1][t]:.1f}%")
             if ckpt is not None:
-                _save_checkpoint(
-                    ckpt,
-                    t,
-                    {
-                        "signature": signature,
-                        "task": t,
-                        "model": model.state_dict(),
-                        "method": method.state_dict(),
-                        "memory": memory.state_dict(),
-                        "rows": rows,
-                        "seconds": seconds,
-                        "diagnostics": diagnostics,
-                    },
-                )
+                state = {
+                    "model": model.state_dict(),
+                    "method": method.state_dict(),
+                    "memory": memory.state_dict(),
+                    "rows": rows,
+                    "seconds": seconds,
+                    "diagnostics": diagnostics,
+                }
+                save_checkpoint(_task_file(ckpt, t), state, settings=settings, step=t + 1)
     finally:
         bar.close()
     return ContinualResult(
@@ -432,16 +424,18 @@ def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, 
             bar.update(1)
 
 
-def _save_checkpoint(folder: Path, t: int, state: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".task_{t:02d}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / f"task_{t:02d}.pt")
+def _task_file(folder: Path, t: int) -> Path:
+    return folder / f"task_{t:02d}.pt"
 
 
-def _latest_checkpoint(folder: Path, num_tasks: int) -> dict | None:
+def _latest_checkpoint(
+    folder: Path | None, num_tasks: int, settings: dict, device: torch.device
+) -> Checkpoint | None:
+    """The checkpoint of the last finished task in ``folder``, checked against ``settings``."""
+    if folder is None:
+        return None
     for t in reversed(range(num_tasks)):
-        path = folder / f"task_{t:02d}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=False)
+        saved = resume_checkpoint(_task_file(folder, t), settings, map_location=device)
+        if saved is not None:
+            return saved
     return None

@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import resume_checkpoint, save_checkpoint
 from ..plotting import png_figure
 from ..records import JsonRecord
 from .attacks import AttackConfig, attack, pgd, robust_accuracy
@@ -488,31 +488,27 @@ def _fip_settings(settings: dict | None) -> dict:
 
 
 def _members_cached(
-    path: Path | None, make_model, key: dict, build
+    path: Path | None,
+    settings: dict,
+    make_model: Callable[[], nn.Module],
+    like: torch.Tensor,
+    build: Callable[[], tuple[list[nn.Module], dict]],
 ) -> tuple[list[nn.Module], dict]:
-    """``build() -> (members, diagnostics)``, or what was saved at ``path`` by a build
-    with the same ``key``."""
-    key = json.loads(json.dumps(key))
-    if path is not None and path.is_file():
-        saved = torch.load(path)
-        if saved.get("key") == key:
-            members = []
-            for state in saved["states"]:
-                net = make_model()
-                net.load_state_dict(state)
-                members.append(net.eval())
-            return members, saved.get("diagnostics", {})
+    """``build() -> (members, diagnostics)``, or what a build with the same ``settings``
+    saved at ``path`` (:mod:`riemfip.checkpoint`; one written with other settings is
+    refused). Members are rebuilt with ``make_model`` on ``like``'s device and dtype."""
+    saved = resume_checkpoint(path, settings, map_location=like.device)
+    if saved is not None:
+        members = []
+        for state in saved.state["members"]:
+            net = make_model().to(device=like.device, dtype=like.dtype)
+            net.load_state_dict(state)
+            members.append(net.eval())
+        return members, saved.state["diagnostics"]
     members, diagnostics = build()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "key": key,
-                "states": [m.state_dict() for m in members],
-                "diagnostics": diagnostics,
-            },
-            path,
-        )
+        state = {"members": [m.state_dict() for m in members], "diagnostics": diagnostics}
+        save_checkpoint(path, state, settings=settings, step=len(members))
     return members, diagnostics
 
 
@@ -556,9 +552,11 @@ def compare_ensembles(
         ``attack_steps``, ``anchor_size``, ``lr``, ``fip_options``); the record's
         config holds the values used, defaults included.
     checkpoint_dir : path, optional
-        Trained members are saved there (``independent.pt``, ``fip.pt``,
-        ``independent_adversarial.pt``) with the settings that built them, and
-        reused by a rerun with the same settings.
+        Each ensemble is saved there when built (``independent.pt``, ``fip.pt``,
+        ``independent_adversarial.pt``; :mod:`riemfip.checkpoint`) with the settings
+        that built it, and reused by a rerun with the same settings, so an interrupted
+        comparison resumes after its last finished ensemble. A file written with
+        other settings is refused (:class:`~riemfip.checkpoint.SettingsMismatchError`).
     adversarial_training : AttackConfig, optional
         Also an ``"independent-adv"`` ensemble: the same size and steps, each
         member adversarially trained with this attack (:func:`independent_ensemble`).
@@ -576,69 +574,41 @@ def compare_ensembles(
         raise TypeError(f"data must be a riemfip.data.Dataset, got {type(data).__name__}")
     settings = _fip_settings(fip_settings)
     attacks = list(attacks)
-    ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
+    x, y = data.x_train, data.y_train
+    common = {"size": size, "batch_size": batch_size, "seed": seed, "progress": progress}
+    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
     seconds: dict = {}
 
-    t0 = time.perf_counter()
-    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
+    def cached(file: str, key: dict, build, timing: str) -> tuple[list[nn.Module], dict]:
+        t0 = time.perf_counter()
+        path = None if checkpoint_dir is None else Path(checkpoint_dir) / file
+        out = _members_cached(path, key, make_model, x, build)
+        seconds[timing] = time.perf_counter() - t0
+        return out
 
-    def trained(file: str, adversarial: AttackConfig | None) -> list[nn.Module]:
-        key = (
-            train_key
-            if adversarial is None
-            else {**train_key, "adversarial": adversarial.to_dict()}
+    def trained(adversarial: AttackConfig | None) -> tuple[list[nn.Module], dict]:
+        members = independent_ensemble(
+            make_model, x, y, steps=train_steps, lr=lr, adversarial=adversarial, **common
         )
-        members, _ = _members_cached(
-            ckpt and ckpt / file,
-            make_model,
-            key,
-            lambda: (
-                independent_ensemble(
-                    make_model,
-                    data.x_train,
-                    data.y_train,
-                    size=size,
-                    steps=train_steps,
-                    lr=lr,
-                    batch_size=batch_size,
-                    seed=seed,
-                    adversarial=adversarial,
-                    progress=progress,
-                ),
-                {},
-            ),
-        )
-        return members
+        return members, {}
 
-    independent = trained("independent.pt", None)
-    seconds["independent"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-
-    def build_fip():
-        return fip_ensemble(
-            independent[0],
-            data.x_train,
-            data.y_train,
-            size=size,
-            steps_per_member=steps_per_member,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            **settings,
-        )
-
-    fip_key = {**train_key, "steps_per_member": steps_per_member, **settings}
-    fip_members, fip_diag = _members_cached(
-        ckpt and ckpt / "fip.pt", make_model, fip_key, build_fip
+    independent, _ = cached("independent.pt", train_key, lambda: trained(None), "independent")
+    fip_members, fip_diag = cached(
+        "fip.pt",
+        {**train_key, "steps_per_member": steps_per_member, **settings},
+        lambda: fip_ensemble(
+            independent[0], x, y, steps_per_member=steps_per_member, **common, **settings
+        ),
+        "fip_path",
     )
-    seconds["fip_path"] = time.perf_counter() - t0
-
     classifiers = {"single": independent[0], "independent": independent, "fip": fip_members}
     if adversarial_training is not None:
-        t0 = time.perf_counter()
-        classifiers["independent-adv"] = trained("independent_adversarial.pt", adversarial_training)
-        seconds["independent_adversarial"] = time.perf_counter() - t0
+        classifiers["independent-adv"], _ = cached(
+            "independent_adversarial.pt",
+            {**train_key, "adversarial": adversarial_training.to_dict()},
+            lambda: trained(adversarial_training),
+            "independent_adversarial",
+        )
 
     t0 = time.perf_counter()
     rows = evaluate_robustness(

@@ -15,6 +15,7 @@ from riemfip.applications.robust_ensemble import (
     fip_ensemble,
     independent_ensemble,
 )
+from riemfip.checkpoint import SettingsMismatchError, load_checkpoint
 from riemfip.data import Dataset
 
 
@@ -154,4 +155,44 @@ def test_bad_inputs_raise_clear_errors(trained_mlp, mnist_small):
             train_steps=1,
             steps_per_member=1,
             attacks=default_attacks([0.1]),
+        )
+
+
+def test_an_interrupted_comparison_resumes_to_the_uninterrupted_result(
+    mnist_small, tmp_path, monkeypatch
+):
+    from riemfip.applications import robust_ensemble
+
+    x, y, xt, yt = mnist_small
+    data = Dataset(x[:300], y[:300], xt[:100], yt[:100], 10, "mnist-tiny")
+    kwargs = dict(
+        size=2,
+        train_steps=10,
+        steps_per_member=2,
+        attacks=[AttackConfig.clean(), AttackConfig.fgsm(0.1)],
+        fip_settings={"anchor_size": 16, "attack_steps": 1},
+    )
+    full = compare_ensembles(lambda: mlp([784, 16, 10]), data, **kwargs)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # The job dies while it builds the FIP path: the independent members are saved by then.
+    monkeypatch.setattr(robust_ensemble, "diversification_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        compare_ensembles(lambda: mlp([784, 16, 10]), data, checkpoint_dir=tmp_path, **kwargs)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "independent.pt").step == 2
+    assert not (tmp_path / "fip.pt").exists()
+    resumed = compare_ensembles(lambda: mlp([784, 16, 10]), data, checkpoint_dir=tmp_path, **kwargs)
+    assert resumed.rows == full.rows
+    for key in ("member_clean_accuracy", "fip_path"):
+        assert resumed.diagnostics[key] == full.diagnostics[key]
+    # A rerun with another training budget is refused, and says which setting differs.
+    with pytest.raises(SettingsMismatchError, match="its steps is 10, this call's is 11"):
+        compare_ensembles(
+            lambda: mlp([784, 16, 10]),
+            data,
+            checkpoint_dir=tmp_path,
+            **{**kwargs, "train_steps": 11},
         )
