@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .classifiers import Classifier, _check_data, _members, predict_proba
+from ..labelled import check_labelled
+from .classifiers import Classifier, _members, predict_proba
 
 __all__ = ["AttackConfig", "ensemble_loss", "fgsm", "pgd", "attack", "robust_accuracy"]
 
@@ -96,9 +97,8 @@ def _check_pgd(steps: int, step_size: float) -> None:
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
-    _check_data(x, y)
-    if not x.is_floating_point():
-        raise TypeError(f"inputs must be floating point, got {x.dtype}")
+    """Labelled data (:func:`~riemfip.labelled.check_labelled`) with inputs in the box."""
+    check_labelled(x, y, name="attacked data")
     if float(x.min()) < 0.0 or float(x.max()) > 1.0:
         raise ValueError("inputs must lie in [0, 1]: the attacks keep x + delta in that box")
 

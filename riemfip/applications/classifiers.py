@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..labelled import check_labelled
+
 __all__ = [
     "mlp",
     "lenet_300_100",
@@ -95,18 +97,6 @@ def minibatches(
             done += 1
 
 
-def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError("inputs and labels must be tensors")
-    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(
-            f"expected inputs (N, ...) and labels (N,) with N > 0, got {tuple(x.shape)} "
-            f"and {tuple(y.shape)}"
-        )
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"labels must be integer class indices, got {y.dtype}")
-
-
 def train_classifier(
     model: nn.Module,
     x: torch.Tensor,
@@ -149,7 +139,7 @@ def train_classifier(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_data(x, y)
+    check_labelled(x, y, name="training data")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     model.train()
@@ -202,5 +192,5 @@ def predict_proba(classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(classifier: Classifier, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``x`` whose most probable class (mean softmax for ensembles) is ``y``."""
-    _check_data(x, y)
+    check_labelled(x, y)
     return float((predict_proba(classifier, x).argmax(-1) == y).float().mean())

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from riemfip.data import Dataset
 
 from ..checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
+from ..labelled import check_dataset
 from ..plotting import png_figure
 from ..records import JsonRecord
 from .continual_methods import (
@@ -208,15 +209,12 @@ def _check_tasks(tasks: Sequence[Dataset]) -> list[Dataset]:
     if isinstance(tasks, Dataset) or not isinstance(tasks, Sequence) or not tasks:
         raise TypeError("tasks must be a non-empty sequence of Dataset (see riemfip.data)")
     for i, t in enumerate(tasks):
-        if not isinstance(t, Dataset):
-            raise TypeError(f"task {i} is a {type(t).__name__}, expected a Dataset")
+        check_dataset(t, name=f"task {i}")
         if t.num_classes != tasks[0].num_classes:
             raise ValueError(
                 f"task {i} has num_classes={t.num_classes}, task 0 {tasks[0].num_classes}: "
                 "tasks must share one label space (split_tasks(..., relabel=False))"
             )
-        if len(t.x_train) == 0 or len(t.x_test) == 0:
-            raise ValueError(f"task {i} ({t.name}) has no training or no test images")
     return list(tasks)
 
 

@@ -44,12 +44,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import resume_checkpoint, save_checkpoint
+from ..labelled import check_dataset, check_labelled
 from ..plotting import png_figure
 from ..records import JsonRecord
 from .attacks import AttackConfig, attack, pgd, robust_accuracy
 from .classifiers import (
     Classifier,
-    _check_data,
     _members,
     accuracy,
     minibatches,
@@ -108,7 +108,7 @@ def independent_ensemble(
         raise TypeError(f"make_model must be callable, got {type(make_model).__name__}")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
-    _check_data(x, y)
+    check_labelled(x, y, name="training data")
     members = []
     for i in tqdm(range(size), disable=not progress, desc="independent ensemble", leave=False):
         torch.manual_seed(seed + i)
@@ -260,7 +260,7 @@ def fip_ensemble(
         raise ValueError(f"steps_per_member must be a positive integer, got {steps_per_member!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    _check_data(x, y)
+    check_labelled(x, y, name="training data")
     if not isinstance(anchor_size, int) or not (2 <= anchor_size <= len(x)):
         raise ValueError(f"anchor_size must be an integer in [2, {len(x)}], got {anchor_size!r}")
     members = [copy.deepcopy(start).eval()]
@@ -458,6 +458,7 @@ def evaluate_robustness(
     """
     if not isinstance(classifiers, dict) or not classifiers:
         raise ValueError("classifiers must be a non-empty dict name -> model or ensemble")
+    check_labelled(x, y, name="test data")
     attacks = list(attacks)
     if not attacks:
         raise ValueError("attacks must hold at least one AttackConfig")
@@ -570,8 +571,7 @@ def compare_ensembles(
         ``"independent-adv"`` when asked); diagnostics with
         each member's clean test accuracy, FIP drift and wall times.
     """
-    if not hasattr(data, "x_train") or not hasattr(data, "x_test"):
-        raise TypeError(f"data must be a riemfip.data.Dataset, got {type(data).__name__}")
+    check_dataset(data)
     settings = _fip_settings(fip_settings)
     attacks = list(attacks)
     x, y = data.x_train, data.y_train

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from manifolds.output_metrics import get_output_metric
 
+from ..labelled import check_dataset, check_labelled
 from ..plotting import png_figure
 from ..records import JsonRecord
 from .classifiers import accuracy, minibatches, train_classifier
@@ -448,6 +449,7 @@ def fip_prune(
     from riemfip.optim import FIP
 
     sparsity = _check_sparsity(sparsity)
+    check_labelled(x, y, name="training data")
     if not (isinstance(steps, int) and isinstance(fip_steps, int) and 0 <= fip_steps <= steps):
         raise ValueError(f"need integers 0 <= fip_steps <= steps, got {fip_steps} and {steps}")
     if lr_schedule not in ("constant", "cosine"):
@@ -559,8 +561,7 @@ def sparsify_sweep(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
-    if not hasattr(data, "x_train") or not hasattr(data, "x_test"):
-        raise TypeError(f"data must be a riemfip.data.Dataset, got {type(data).__name__}")
+    check_dataset(data)
     cfg = {
         "sparsities": sparsities,
         "methods": list(methods),

@@ -27,6 +27,7 @@ from torch import nn
 from manifolds import FlatModule
 
 from ..checkpoint import Checkpoint, SettingsMismatchError, resume_checkpoint, save_checkpoint
+from ..labelled import labelled_pair
 from .evaluation import _restored_batchnorm
 
 __all__ = ["QuadraticBezier", "fit_bezier", "garipov_learning_rate"]
@@ -71,22 +72,6 @@ def garipov_learning_rate(base: float, fraction: float) -> float:
     if fraction <= 0.9:
         return base * (1.0 - 0.99 * (fraction - 0.5) / 0.4)
     return 0.01 * base
-
-
-def _check_pair(data) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(d, torch.Tensor) for d in data)
-    ):
-        raise TypeError("data must be an (inputs, integer labels) pair of tensors")
-    x, y = data
-    if y.is_floating_point() or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
-        raise ValueError(
-            f"labels must be a non-empty 1-D integer tensor with one label per input; got "
-            f"inputs {tuple(x.shape)} and labels {tuple(y.shape)} ({y.dtype})"
-        )
-    return x, y
 
 
 def fit_bezier(
@@ -141,7 +126,7 @@ def fit_bezier(
     flat, flat_b = FlatModule(model_a), FlatModule(model_b)
     flat.check_same_architecture(flat_b)
     w_a, w_b = flat.flatten(), flat_b.flatten()
-    x, y = _check_pair(data)
+    x, y = labelled_pair(data, integer_inputs=True)
     x = x.to(w_a.device, w_a.dtype) if x.is_floating_point() else x.to(w_a.device)
     y = y.to(w_a.device)
 

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from manifolds import FlatModule, PullbackMetric, as_batches
 
+from ..labelled import labelled_pair
 from ..records import JsonRecord
 
 __all__ = [
@@ -274,23 +275,6 @@ class ConnectivityReport(JsonRecord):
 
 
 # ---------------------------------------------------------------------- evaluation
-def _labelled(data: object) -> tuple[torch.Tensor, torch.Tensor]:
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(d, torch.Tensor) for d in data)
-    ):
-        x, y = data
-    else:
-        raise TypeError("data must be an (inputs, integer labels) pair of tensors")
-    if y.is_floating_point() or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"labels must be a 1-D integer tensor with one label per input; got inputs "
-            f"{tuple(x.shape)} and labels {tuple(y.shape)} ({y.dtype})"
-        )
-    return x, y
-
-
 def _embedded(metric: PullbackMetric, w: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return metric.embed(w)
@@ -380,7 +364,7 @@ def evaluate_path(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     flat = FlatModule(model)
     t, points = as_path(path, flat.dim)
-    x, y = _labelled(data)
+    x, y = labelled_pair(data, integer_inputs=True)
     x = x.to(points.device, points.dtype) if x.is_floating_point() else x.to(points.device)
     y = y.to(points.device)
     with _restored_batchnorm(model) as layers:
