@@ -27,6 +27,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -35,7 +36,7 @@ import torch
 
 from .checkpoint import write_atomically
 
-__all__ = ["JsonRecord", "json_record", "jsonable", "read_json"]
+__all__ = ["JsonRecord", "json_record", "jsonable", "percent_cells", "read_json"]
 
 R = TypeVar("R", bound="JsonRecord")
 
@@ -65,6 +66,18 @@ def json_record(record: dict, path: str | Path | None = None, *, indent: int = 2
     if path is not None:
         write_atomically(path, lambda fh: fh.write((text + "\n").encode()))
     return text
+
+
+def percent_cells(value: Callable[[Any], float], keys: Iterable, width: int) -> str:
+    """One row of a results table: ``100 * value(key)`` for each key, right-aligned in
+    ``width`` characters with one decimal, or ``-`` where ``value`` raises ``KeyError``."""
+    cells = []
+    for key in keys:
+        try:
+            cells.append(f"{100 * value(key):>{width}.1f}")
+        except KeyError:
+            cells.append(f"{'-':>{width}}")
+    return "".join(cells)
 
 
 def read_json(text_or_path: str | Path) -> Any:

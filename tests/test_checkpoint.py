@@ -129,3 +129,33 @@ def test_resume_checkpoint_is_none_when_there_is_nothing_to_resume(tmp_path):
     saved = resume_checkpoint(tmp_path / "run.pt", None)
     with pytest.raises(SettingsMismatchError, match="its lr is 0.1, this call's is 0.2"):
         saved.check_settings({**SETTINGS, "lr": 0.2})
+
+
+def test_a_trained_classifier_checkpoint_reloads_the_same_network_and_refuses_others(
+    tmp_path, monkeypatch
+):
+    from riemfip.applications import classifiers
+    from riemfip.applications.classifiers import mlp, trained_classifier
+
+    x = torch.rand(200, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(1))
+    fresh = trained_classifier(lambda: mlp([8, 6, 3]), x, y, steps=12, seed=2)
+    ckpt = tmp_path / "net.pt"
+    first = trained_classifier(lambda: mlp([8, 6, 3]), x, y, steps=12, seed=2, checkpoint=ckpt)
+    assert load_checkpoint(ckpt).step == 12
+
+    def untrainable(*args, **kwargs):
+        raise AssertionError("a checkpointed network is loaded, not trained")
+
+    monkeypatch.setattr(classifiers, "train_classifier", untrainable)
+    again = trained_classifier(lambda: mlp([8, 6, 3]), x, y, steps=12, seed=2, checkpoint=ckpt)
+    for net in (first, again):
+        assert not net.training
+        for p, q in zip(net.parameters(), fresh.parameters(), strict=True):
+            assert torch.equal(p, q)
+    with pytest.raises(
+        SettingsMismatchError, match=r"its training\.steps is 12, this call's is 13"
+    ):
+        trained_classifier(lambda: mlp([8, 6, 3]), x, y, steps=13, seed=2, checkpoint=ckpt)
+    with pytest.raises(SettingsMismatchError, match=r"parameters\.0\.weight is \[6, 8\]"):
+        trained_classifier(lambda: mlp([8, 5, 3]), x, y, steps=12, seed=2, checkpoint=ckpt)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from manifolds import FlatModule, PullbackMetric
+from riemfip.applications.classifiers import trained_classifier
 from riemfip.checkpoint import SettingsMismatchError, load_checkpoint
 from riemfip.connectivity import (
     QuadraticBezier,
@@ -47,23 +48,15 @@ def digits():
 
 
 def _train(seed: int, data, *, hidden: int = 24, epochs: int = 30, batchnorm: bool = False):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(64, hidden)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(hidden))
-    layers += [nn.ReLU(), nn.Linear(hidden, 10)]
-    net = nn.Sequential(*layers)
+    """64-hidden-10 ReLU MLP (BatchNorm after the first layer if asked), Adam from ``seed``."""
+
+    def make():
+        norm = [nn.BatchNorm1d(hidden)] if batchnorm else []
+        return nn.Sequential(nn.Linear(64, hidden), *norm, nn.ReLU(), nn.Linear(hidden, 10))
+
     x, y = data
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    return net.eval()
+    steps = epochs * math.ceil(len(x) / 64)
+    return trained_classifier(make, x, y, steps=steps, lr=3e-3, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,13 @@ batch comes from, so every method sees the same batches in the same order.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import resume_checkpoint, save_checkpoint
 from ..labelled import check_labelled
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "lenet_300_100",
     "minibatches",
     "train_classifier",
+    "trained_classifier",
     "predict_proba",
     "accuracy",
 ]
@@ -153,6 +156,68 @@ def train_classifier(
         nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
     return model
+
+
+def trained_classifier(
+    make_model: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    perturb: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    checkpoint: str | Path | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """A fresh network from ``make_model``, trained by :func:`train_classifier`, in eval mode.
+
+    The network is built after ``torch.manual_seed(seed)`` (the global generator is
+    seeded, as a script's ``torch.manual_seed`` would) and moved to the device and
+    floating dtype of ``x``; ``seed`` also orders the minibatches.
+
+    Parameters
+    ----------
+    make_model : callable
+        ``() -> nn.Module`` returning logits, initialised from the global generator.
+    x, y, steps, lr, batch_size, seed, perturb, progress
+        As for :func:`train_classifier`.
+    checkpoint : path, optional
+        The trained weights are saved there (:mod:`riemfip.checkpoint`) with the
+        training settings; a later call with the same settings loads them instead
+        of training, one with other settings is refused.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    if not callable(make_model):
+        raise TypeError(f"make_model must be callable, got {type(make_model).__name__}")
+    check_labelled(x, y, name="training data")
+    torch.manual_seed(seed)
+    net = make_model()
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"make_model must return a torch.nn.Module, got {type(net).__name__}")
+    net.to(device=x.device, dtype=x.dtype)
+    settings = {
+        "parameters": {name: list(p.shape) for name, p in net.named_parameters()},
+        "training": {"optimizer": "adam", "steps": steps, "lr": lr, "batch_size": batch_size},
+        "seed": seed,
+        "train_size": len(x),
+        "perturbed": perturb is not None,
+    }
+    saved = resume_checkpoint(checkpoint, settings, map_location=x.device)
+    if saved is not None:
+        net.load_state_dict(saved.state["model"])
+        return net.eval()
+    train_classifier(
+        net, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed, perturb=perturb,
+        progress=progress,
+    )  # fmt: skip
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, {"model": net.state_dict()}, settings=settings, step=steps)
+    return net.eval()
 
 
 def _members(classifier: Classifier) -> list:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import resume_checkpoint, save_checkpoint
 from ..labelled import check_dataset, check_labelled
 from ..plotting import png_figure
-from ..records import JsonRecord
+from ..records import JsonRecord, percent_cells
 from .attacks import AttackConfig, attack, pgd, robust_accuracy
 from .classifiers import (
     Classifier,
@@ -54,7 +54,7 @@ from .classifiers import (
     accuracy,
     minibatches,
     predict_proba,
-    train_classifier,
+    trained_classifier,
 )
 from .fip_settings import resolve_fip_settings
 
@@ -111,14 +111,13 @@ def independent_ensemble(
     check_labelled(x, y, name="training data")
     members = []
     for i in tqdm(range(size), disable=not progress, desc="independent ensemble", leave=False):
-        torch.manual_seed(seed + i)
-        net = make_model().to(device=x.device, dtype=x.dtype)
         perturb = None if adversarial is None else _attacker(adversarial, seed=1000 * (seed + i))
         members.append(
-            train_classifier(
-                net, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed + i, perturb=perturb
-            ).eval()
-        )
+            trained_classifier(
+                make_model, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed + i,
+                perturb=perturb,
+            )
+        )  # fmt: skip
     return members
 
 
@@ -387,13 +386,8 @@ class RobustnessResult(JsonRecord):
         lines = [head]
         for m in self.models():
             size = next(r.size for r in self.rows if r.model == m)
-            cells = []
-            for a, e in attacks:
-                try:
-                    cells.append(f"{100 * self.accuracy(m, a, e):>12.1f}")
-                except KeyError:
-                    cells.append(f"{'-':>12}")
-            lines.append(f"{m:<14}{size:>5}" + "".join(cells))
+            cells = percent_cells(lambda attack, m=m: self.accuracy(m, *attack), attacks, 12)
+            lines.append(f"{m:<14}{size:>5}" + cells)
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
@@ -640,7 +634,7 @@ def compare_ensembles(
         else {**adversarial_training.to_dict(), "steps_per_member": train_steps},
         "attacks": [a.to_dict() for a in attacks],
         "threat_model": "white-box L-inf on the ensemble's mean softmax, inputs clipped to [0, 1]",
-        "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
+        "data": data.describe(),
         "seed": seed,
         **(config or {}),
     }

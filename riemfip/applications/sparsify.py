@@ -55,7 +55,7 @@ from manifolds.output_metrics import get_output_metric
 
 from ..labelled import check_dataset, check_labelled
 from ..plotting import png_figure
-from ..records import JsonRecord
+from ..records import JsonRecord, percent_cells
 from .classifiers import accuracy, minibatches, train_classifier
 from .fip_settings import resolve_fip_settings
 
@@ -269,13 +269,8 @@ class SparsifyResult(JsonRecord):
         head = f"{'method':<22}" + "".join(f"{100 * s:>8.0f}%" for s in levels)
         lines = [f"dense test accuracy {100 * self.dense_test_accuracy:.1f}%", head]
         for m in self.methods():
-            cells = []
-            for s in levels:
-                try:
-                    cells.append(f"{100 * self.row(m, s).test_accuracy:>9.1f}")
-                except KeyError:
-                    cells.append(f"{'-':>9}")
-            lines.append(f"{m:<22}" + "".join(cells))
+            cells = percent_cells(lambda s, m=m: self.row(m, s).test_accuracy, levels, 9)
+            lines.append(f"{m:<22}" + cells)
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
@@ -571,7 +566,7 @@ def sparsify_sweep(
         "finetune": {"optimizer": "adam", "lr": finetune_lr, "batch_size": batch_size},
         "fip": _fip_settings(fip_settings),
         "seed": seed,
-        "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
+        "data": data.describe(),
         **(config or {}),
     }
     result = SparsifyResult(
@@ -594,33 +589,19 @@ def sparsify_sweep(
             continue
         t0 = time.perf_counter()
         extra: dict = {}
+        x, y, common = data.x_train, data.y_train, {"batch_size": batch_size, "seed": seed}
         if method == "magnitude":
             pruned, used = one_shot_prune(model, s), 0
         elif method == "magnitude+finetune":
-            pruned = prune_finetune(
-                model,
-                s,
-                data.x_train,
-                data.y_train,
-                steps=steps,
-                lr=finetune_lr,
-                batch_size=batch_size,
-                seed=seed,
+            pruned, used = (
+                prune_finetune(model, s, x, y, steps=steps, lr=finetune_lr, **common),
+                steps,
             )
-            used = steps
         else:
             pruned, extra = fip_prune(
-                model,
-                s,
-                data.x_train,
-                data.y_train,
-                steps=steps,
-                fip_steps=fip_steps,
-                finetune_lr=finetune_lr,
-                batch_size=batch_size,
-                seed=seed,
-                **(fip_settings or {}),
-            )
+                model, s, x, y, steps=steps, fip_steps=fip_steps, finetune_lr=finetune_lr,
+                **common, **(fip_settings or {}),
+            )  # fmt: skip
             used = steps
         extra["seconds"] = time.perf_counter() - t0
         result.rows.append(evaluate_row(method, s, pruned, data, used, extra))
