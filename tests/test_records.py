@@ -151,3 +151,15 @@ def test_png_figure_writes_the_file_and_closes_the_figure_even_when_drawing_fail
             raise RuntimeError("drawing failed")
     assert not (tmp_path / "c.png").exists()
     assert len(plt.get_fignums()) == before
+
+
+def test_an_attack_config_is_a_record_too():
+    from riemfip.applications.attacks import AttackConfig
+
+    attack = AttackConfig.pgd(0.1, steps=7, seed=3)
+    assert attack.to_dict() == {
+        "name": "pgd", "eps": 0.1, "steps": 7, "step_size": 0.01, "random_start": True, "seed": 3,
+    }  # fmt: skip
+    assert AttackConfig.from_json(attack.to_json()) == attack
+    with pytest.raises(ValueError, match="attack name"):
+        AttackConfig.from_dict({**attack.to_dict(), "name": "cw"})

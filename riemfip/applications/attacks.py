@@ -16,19 +16,20 @@ threat model for an ensemble that predicts with its mean softmax.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from ..labelled import check_labelled
+from ..records import JsonRecord
 from .classifiers import Classifier, _members, predict_proba
 
 __all__ = ["AttackConfig", "ensemble_loss", "fgsm", "pgd", "attack", "robust_accuracy"]
 
 
 @dataclass(frozen=True)
-class AttackConfig:
-    """One white-box L∞ attack, as recorded in result JSON.
+class AttackConfig(JsonRecord):
+    """One white-box L∞ attack, as recorded in result JSON (:meth:`to_dict`, :meth:`from_json`).
 
     Attributes
     ----------
@@ -79,9 +80,6 @@ class AttackConfig:
         """PGD; ``step_size`` defaults to ``eps / 10`` (ε 0.1 → 20 steps of 0.01)."""
         step = float(eps) / 10 if step_size is None else float(step_size)
         return cls("pgd", float(eps), int(steps), step, bool(random_start), int(seed))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _check_eps(eps: float) -> None:

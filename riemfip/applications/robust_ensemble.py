@@ -56,7 +56,7 @@ from .classifiers import (
     predict_proba,
     trained_classifier,
 )
-from .fip_settings import resolve_fip_settings
+from .fip_settings import random_anchor, resolve_fip_settings
 
 __all__ = [
     "independent_ensemble",
@@ -260,12 +260,9 @@ def fip_ensemble(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     check_labelled(x, y, name="training data")
-    if not isinstance(anchor_size, int) or not (2 <= anchor_size <= len(x)):
-        raise ValueError(f"anchor_size must be an integer in [2, {len(x)}], got {anchor_size!r}")
+    anchor = random_anchor(x, anchor_size, seed)
     members = [copy.deepcopy(start).eval()]
     net = copy.deepcopy(start)
-    gen = torch.Generator().manual_seed(int(seed))
-    anchor = x[torch.randperm(len(x), generator=gen)[:anchor_size].to(x.device)]
     options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
     opt = FIP(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
     total = (size - 1) * steps_per_member

@@ -57,7 +57,7 @@ from ..labelled import check_dataset, check_labelled
 from ..plotting import png_figure
 from ..records import JsonRecord, percent_cells
 from .classifiers import accuracy, minibatches, train_classifier
-from .fip_settings import resolve_fip_settings
+from .fip_settings import random_anchor, resolve_fip_settings
 
 __all__ = [
     "prunable_weights",
@@ -449,11 +449,8 @@ def fip_prune(
         raise ValueError(f"need integers 0 <= fip_steps <= steps, got {fip_steps} and {steps}")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-    if not isinstance(anchor_size, int) or not (2 <= anchor_size <= len(x)):
-        raise ValueError(f"anchor_size must be an integer in [2, {len(x)}], got {anchor_size!r}")
+    anchor = random_anchor(x, anchor_size, seed)
     net = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(int(seed))
-    anchor = x[torch.randperm(len(x), generator=gen)[:anchor_size].to(x.device)]
     diagnostics: dict = {"fip_steps": fip_steps, "finetune_steps": steps - fip_steps}
     with torch.no_grad():
         diagnostics["penalty_start"] = float(pruning_penalty(net, sparsity))
