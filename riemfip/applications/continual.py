@@ -218,6 +218,21 @@ def _check_tasks(tasks: Sequence[Dataset]) -> list[Dataset]:
     return list(tasks)
 
 
+def _check_run_arguments(model_fn, scenario: str, epochs: int, batch_size: int, lr: float) -> float:
+    """Check :func:`run_continual`'s settings; ``lr`` as a float."""
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+    if scenario not in _SCENARIOS:
+        raise ValueError(f"scenario must be one of {_SCENARIOS}, got {scenario!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    lr = float(lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    return lr
+
+
 def _heads(tasks: list[Dataset], scenario: str) -> Heads:
     if scenario == "class":
         return Heads(None)
@@ -304,16 +319,7 @@ def run_continual(
     """
     tasks = _check_tasks(tasks)
     method = make_method(method)
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
-    if scenario not in _SCENARIOS:
-        raise ValueError(f"scenario must be one of {_SCENARIOS}, got {scenario!r}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    lr = float(lr)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr}")
+    lr = _check_run_arguments(model_fn, scenario, epochs, batch_size, lr)
 
     x0 = tasks[0].x_train
     device, dtype = x0.device, (x0.dtype if x0.is_floating_point() else None)
@@ -349,11 +355,9 @@ def run_continual(
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
     saved = _latest_checkpoint(ckpt, len(tasks), settings, device)
     if saved is not None:
-        state = saved.state
-        model.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        memory.load_state_dict(state["memory"])
-        rows, seconds, diagnostics = state["rows"], state["seconds"], state["diagnostics"]
+        for part, holder in (("model", model), ("method", method), ("memory", memory)):
+            holder.load_state_dict(saved.state[part])
+        rows, seconds, diagnostics = (saved.state[k] for k in ("rows", "seconds", "diagnostics"))
         start_task = saved.step
 
     steps = 0
