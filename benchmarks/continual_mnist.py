@@ -42,7 +42,7 @@ from riemfip.applications.classifiers import mlp
 from riemfip.applications.continual import run_continual
 from riemfip.applications.continual_methods import EWC, FineTune, FIPMethod, Joint, Replay
 from riemfip.data import load_mnist, split_tasks
-from riemfip.optim import GaussianNoise
+from riemfip.optim import AnchorSampling, GaussianNoise
 from riemfip.plotting import png_figure
 
 BENCHMARKS = {
@@ -69,7 +69,7 @@ def make_method(name: str, args: argparse.Namespace):
     if name in ("fip", "fip-bare"):
         options = json.loads(args.fip_options)
         if name == "fip" and args.anchor_noise > 0:
-            options["anchor_transform"] = GaussianNoise(args.anchor_noise)
+            options["anchors"] = AnchorSampling(transform=GaussianNoise(args.anchor_noise))
         return FIPMethod(lr_scale=args.fip_lr / args.lr, **options)
     if name == "fip-penalty":
         return FIPMethod(lr_scale=args.penalty_lr / args.lr, mode="penalty", beta=args.beta)

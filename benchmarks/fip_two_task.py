@@ -62,7 +62,16 @@ import torch
 from torch import nn
 
 from riemfip.data import mnist_subset
-from riemfip.optim import FIP, GaussianNoise, NeighbourNoise, RandomShift
+from riemfip.optim import (
+    FIP,
+    AnchorSampling,
+    DriftGuard,
+    FIPPenalty,
+    GaussianNoise,
+    NeighbourNoise,
+    PullBack,
+    RandomShift,
+)
 
 METHODS = ("finetune", "fip", "fip-noise", "fip-shift", "penalty")
 
@@ -225,22 +234,33 @@ def run_seed(args, methods, seed: int) -> dict:
 
     def fip_options(method: str) -> dict:
         options = {"momentum": args.momentum}
-        for key in ("metric", "damping", "holdout_fraction", "drift_budget", "correction"):
+        for key in ("metric", "damping"):
             if getattr(args, key) is not None:
                 options["output_metric" if key == "metric" else key] = getattr(args, key)
+        if args.drift_budget is not None:
+            options["guard"] = DriftGuard(budget=args.drift_budget)
+        if args.correction is not None:
+            options["pullback"] = PullBack(strength=args.correction)
+        sampling = {}
+        if args.holdout_fraction is not None:
+            sampling["holdout_fraction"] = args.holdout_fraction
         if method == "fip-shift":
             options["lr"] = args.shift_lr
-            options["anchor_transform"] = RandomShift(args.shift, shape=(28, 28), std=args.noise)
-            options["anchor_batch"] = args.anchor_batch or None
-            options["correct_all"] = not args.no_correct_all
-            return options
-        options["lr"] = args.lr
-        if method == "fip-noise" and args.neighbours > 0:
-            options["anchor_transform"] = NeighbourNoise(
-                k=args.neighbours, scale=args.neighbour_scale, std=args.noise, inputs=anchors
+            sampling["transform"] = RandomShift(args.shift, shape=(28, 28), std=args.noise)
+            sampling["batch"] = args.anchor_batch or None
+            options["pullback"] = PullBack(
+                strength=1.0 if args.correction is None else args.correction,
+                all_anchors=not args.no_correct_all,
             )
-        elif method == "fip-noise":
-            options["anchor_transform"] = GaussianNoise(args.noise)
+        else:
+            options["lr"] = args.lr
+            if method == "fip-noise" and args.neighbours > 0:
+                sampling["transform"] = NeighbourNoise(
+                    k=args.neighbours, scale=args.neighbour_scale, std=args.noise, inputs=anchors
+                )
+            elif method == "fip-noise":
+                sampling["transform"] = GaussianNoise(args.noise)
+        options["anchors"] = AnchorSampling(**sampling)
         return options
 
     results = {"before": evaluate(net_a)}
@@ -252,11 +272,10 @@ def run_seed(args, methods, seed: int) -> dict:
         elif method in ("fip", "fip-noise", "fip-shift"):
             opt = FIP(net.parameters(), model=net, anchor_inputs=anchors, **fip_options(method))
         elif method == "penalty":
-            opt = FIP(
+            opt = FIPPenalty(
                 net.parameters(),
                 model=net,
                 anchor_inputs=anchors,
-                mode="penalty",
                 lr=args.penalty_lr,
                 beta=args.beta,
             )
@@ -278,7 +297,7 @@ def run_seed(args, methods, seed: int) -> dict:
             "step_seconds": secs / args.steps,
             "step_cpu_seconds": cpu / args.steps,
         }
-        if isinstance(opt, FIP):
+        if isinstance(opt, (FIP, FIPPenalty)):
             info = opt.last_info[0]
             row.update(
                 holdout_drift=info.drift.divergence,

@@ -22,22 +22,32 @@ with warnings.catch_warnings():
 from .conjugate_gradient import SolveResult, conjugate_gradient
 from .flat import FlatModule
 from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_geodesic
+from .gram import OutputGram
+from .jacobian import AutogradJacobian, JacobianOperator
 from .output_metrics import Bhattacharyya, Euclidean, OutputMetric, SoftmaxFisher, get_output_metric
-from .pullback import PullbackMetric, as_batches
+from .pullback import PullbackMetric
+from .spectrum import Spectrum, lanczos
+from .status import Status
+from .task_data import as_batches
 from .validation import ConvergenceWarning, NotConvergedError
 from .weight_space import WeightSpace, flat_parameter, write_point
 
 __all__ = [
+    "AutogradJacobian",
     "Bhattacharyya",
     "ConvergenceWarning",
     "Euclidean",
     "FlatModule",
     "GeodesicTrajectory",
+    "JacobianOperator",
     "NotConvergedError",
+    "OutputGram",
     "OutputMetric",
     "PullbackMetric",
     "SoftmaxFisher",
     "SolveResult",
+    "Spectrum",
+    "Status",
     "WeightSpace",
     "as_batches",
     "conjugate_gradient",
@@ -45,5 +55,6 @@ __all__ = [
     "flat_parameter",
     "get_output_metric",
     "integrate_geodesic",
+    "lanczos",
     "write_point",
 ]

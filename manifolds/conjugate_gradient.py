@@ -142,7 +142,8 @@ def conjugate_gradient(
     on from it (up to 3 times) if it does not, since in finite precision, float32
     especially, the two drift apart. On a singular :math:`A` with :math:`b` in its range,
     CG started from zero returns the minimum-norm solution; with :math:`b` outside it,
-    CG stops at a direction of zero curvature with status ``BREAKDOWN``.
+    CG stops at a direction of zero curvature with status ``BREAKDOWN``, as it does when the
+    true residual stays above the tolerance after every restart (the attainable accuracy).
 
     Parameters
     ----------
@@ -214,7 +215,8 @@ def conjugate_gradient(
         status = Status.NON_FINITE
     elif worst <= tol:
         status = Status.CONVERGED
-    elif bool(broke.any()):
+    elif bool(broke.any()) or its < maxiter:
+        # zero curvature, or the true residual stalled above tol after every restart
         status = Status.BREAKDOWN
     else:
         status = Status.MAX_ITERATIONS

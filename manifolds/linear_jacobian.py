@@ -36,12 +36,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .jacobian import JacobianOperator
 from .output_metrics import OutputMetric
 
 __all__ = ["LinearJacobian", "linear_layers", "linear_jacobian"]
 
 
-class LinearJacobian:
+class LinearJacobian(JacobianOperator):
     r""":math:`J = \partial F/\partial w` at one point, held as layer inputs and output gradients.
 
     Attributes

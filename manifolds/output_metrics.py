@@ -44,6 +44,8 @@ It is what a finite move of the outputs is measured with (drift, penalties).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -71,6 +73,19 @@ class OutputMetric:
     def matrix(self, y: torch.Tensor) -> torch.Tensor:
         r"""Dense :math:`G(y)`, shape ``(*y.shape, C)``; for tests and small problems."""
         raise NotImplementedError
+
+    def embed_samples(self, y: torch.Tensor) -> torch.Tensor:
+        r"""The embedded outputs of a batch, :math:`F = N^{-1/2}(\phi(y_1), \dots, \phi(y_N))`,
+        flat (sample-major), for outputs ``y`` of shape ``(N, ...)`` (the metric acting on the
+        last axis; a 0-D or 1-D ``y`` is one sample).
+
+        With :math:`J = \partial F/\partial w`, the pullback metric of the batch is
+        :math:`\frac1N\sum_b J_b^\top G(y_b) J_b = J^\top J`: this is the one map every
+        pullback computation in :mod:`manifolds` differentiates.
+        """
+        if y.ndim <= 1:
+            y = y.reshape(1, -1)
+        return self.embed(y).reshape(-1) * (1.0 / math.sqrt(y.shape[0]))
 
     def divergence(self, y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         r"""Per-sample divergence :math:`D(y, y_0)` with :math:`\partial^2_y D|_{y=y_0} = G(y_0)`.

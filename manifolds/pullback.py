@@ -36,82 +36,29 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import nn
-from torch.func import jacfwd, jacrev, jvp, vjp, vmap
-from torch.overrides import TorchFunctionMode
+from torch.func import jacfwd, jacrev, jvp, vmap
 
 from .conjugate_gradient import (
     SolveResult,
     conjugate_gradient,
-    default_tolerance,
     report_failure,
+    solve_tolerance,
     status_of,
 )
 from .flat import FlatModule
+from .forward_ad import gram_vector_product
+from .gram import OutputGram
+from .jacobian import JacobianOperator, jacobian_at
 from .linear_jacobian import linear_jacobian, linear_layers
 from .output_metrics import OutputMetric, get_output_metric
-from .validation import check_finite, check_vector
+from .spectrum import Spectrum, lanczos
+from .task_data import ModuleOutputs, as_batches, check_module_takes
+from .validation import check_vector
 
-__all__ = ["PullbackMetric", "as_batches"]
+__all__ = ["PullbackMetric"]
 
 _METHODS = ("auto", "dense", "output", "cg")
-
-
-def as_batches(data: torch.Tensor | Iterable) -> list[torch.Tensor]:
-    """Materialise input data as a list of input tensors.
-
-    ``data`` is a tensor (one batch) or an iterable of batches, each a tensor or
-    an ``(inputs, targets, ...)`` tuple/list whose first item is taken (a
-    :class:`torch.utils.data.DataLoader` works).
-
-    Raises
-    ------
-    TypeError, ValueError
-        Nothing iterable, non-tensor batches, no batches, NaN/Inf, or batches on
-        different devices.
-    """
-    if isinstance(data, torch.Tensor):
-        batches = [data]
-    else:
-        try:
-            items = list(data)
-        except TypeError:
-            raise TypeError(
-                f"inputs must be a tensor or an iterable of batches, got {type(data).__name__}"
-            ) from None
-        batches = []
-        for i, item in enumerate(items):
-            x = item[0] if isinstance(item, (tuple, list)) else item
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"batch {i} is a {type(x).__name__}, expected a tensor")
-            batches.append(x)
-    if not batches:
-        raise ValueError("inputs hold no batches")
-    for i, x in enumerate(batches):
-        if x.ndim == 0 or x.shape[0] == 0:
-            raise ValueError(f"batch {i} has shape {tuple(x.shape)}: expected (batch, ...)")
-        check_finite(f"inputs (batch {i})", x)
-        if x.device != batches[0].device:
-            raise ValueError(f"batch {i} is on {x.device}, batch 0 on {batches[0].device}")
-    return batches
-
-
-class _ModuleOutputs:
-    """``w -> module(x)`` over all batches, concatenated along the sample axis, in eval mode.
-
-    A class rather than a closure so that a metric built from a module pickles
-    (for multi-process use) whenever the module does.
-    """
-
-    def __init__(self, flat: FlatModule, batches: list[torch.Tensor]):
-        self.flat = flat
-        self.batches = batches
-
-    def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        outs = [self.flat(w, x, train=False) for x in self.batches]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 class PullbackMetric:
@@ -154,11 +101,8 @@ class PullbackMetric:
     Notes
     -----
     :meth:`matvec` costs one dual-number forward pass (:mod:`torch.autograd.forward_ad`)
-    that keeps the primal's autograd graph, plus one backward pass of the tangent.
-    Measured on 2 CPU cores (``benchmarks/matvec.py``, 1 thread, CPU time): the product
-    costs 1.7–1.9× a loss forward+backward for an MLP 784-300-100-10 at batch 256 and
-    about 2.1× for VGG11 at 32×32, batch 32; the floor by counting matrix products is
-    about 1.5 and 1.7.
+    that keeps the primal's autograd graph, plus one backward pass of the tangent; its
+    measured cost against a loss's forward and backward pass is in ``benchmarks/README.md``.
 
     Examples
     --------
@@ -215,6 +159,7 @@ class PullbackMetric:
         module: nn.Module,
         inputs: torch.Tensor | Iterable,
         *,
+        params: Iterable[torch.Tensor] | None = None,
         output_metric: str | OutputMetric = "euclidean",
         damping: float = 0.0,
         **options,
@@ -224,11 +169,14 @@ class PullbackMetric:
         Parameters
         ----------
         module : torch.nn.Module
-            The network. Flat weights are ordered as
-            ``torch.nn.utils.parameters_to_vector(module.parameters())``.
+            The network.
         inputs : tensor or iterable of batches
             Task data (see :func:`as_batches`); with several batches :math:`g` is the
             average over all their samples. The batches are kept (as references).
+        params : iterable of parameters, optional
+            The weights the metric lives on, in flat order (a parameter group; the
+            module's other parameters are held at their values at call time). Default:
+            all, ordered as ``torch.nn.utils.parameters_to_vector(module.parameters())``.
         output_metric, damping, **options
             As for :class:`PullbackMetric`.
 
@@ -240,10 +188,11 @@ class PullbackMetric:
         so :math:`g` is a deterministic function of :math:`w`. The module's own
         parameters are never read or written by the metric.
         """
-        flat = FlatModule(module)
+        flat = module if isinstance(module, FlatModule) else FlatModule(module, params)
         batches = as_batches(inputs)
+        check_module_takes(flat, batches)
         metric = cls(
-            _ModuleOutputs(flat, batches),
+            ModuleOutputs(flat, batches),
             output_metric=output_metric,
             damping=damping,
             dim=flat.dim,
@@ -291,10 +240,7 @@ class PullbackMetric:
         y = self.fn(w)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"fn must return a tensor, got {type(y).__name__}")
-        if y.ndim <= 1:
-            y = y.reshape(1, -1)
-        n_samples = y.shape[0]
-        e = self.output_metric.embed(y).reshape(-1) * (1.0 / math.sqrt(n_samples))
+        e = self.output_metric.embed_samples(y)
         self._output_dim = e.numel()
         return e
 
@@ -308,43 +254,47 @@ class PullbackMetric:
     def _jvp(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return jvp(self.embed, (w,), (v,))[1]
 
-    def _vjp(self, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return vjp(self.embed, w)[1](u)[0]
+    def _second_derivative(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:math:`D^2F[v, v]` by forward-over-forward differentiation."""
+        return jvp(lambda x: self._jvp(x, v), (w,), (v,))[1]
 
-    def _jvp2(self, w: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:math:`(Jv, D^2F[v, v])` by forward-over-forward differentiation."""
-        return jvp(lambda x: self._jvp(x, v), (w,), (v,))
+    # ------------------------------------------------------------ the Jacobian at a point
+    def jacobian_operator(self, w: torch.Tensor) -> JacobianOperator:
+        r""":math:`J` at a checked point ``w`` as an operator (:mod:`manifolds.jacobian`): held
+        exactly in factored form when every moved weight belongs to a supported layer,
+        else through :mod:`torch.func`."""
+        return jacobian_at(self.embed, w, self._factored_jacobian)
+
+    def _factored_jacobian(self, w: torch.Tensor) -> JacobianOperator | None:
+        if self.module is None:
+            return None
+        flat, batches = self.module, self.inputs
+        layers = linear_layers(flat.module, flat.names)
+        if layers is None:
+            return None
+        wp = w.detach().requires_grad_(True)
+        return linear_jacobian(
+            layers,
+            lambda: [flat(wp, x, train=False) for x in batches],
+            self.output_metric,
+            flat.dim,
+        )
+
+    def output_gram(self, w: torch.Tensor) -> OutputGram:
+        r""":math:`K = JJ^\top` at ``w`` with this metric's :math:`\lambda`, factored on first use
+        (:class:`~manifolds.gram.OutputGram`): output-space solves, Gauss–Newton steps, spectra."""
+        return OutputGram(self.jacobian_operator(self.check_point(w)), self.damping)
 
     # ------------------------------------------------------------ products
     def _matvec(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        r""":math:`J^\top J v + \lambda v` for a checked point and tangent.
-
-        One dual-number forward pass (:mod:`torch.autograd.forward_ad`) at
-        :math:`w + \varepsilon v` gives :math:`F(w)` with its reverse-mode graph and
-        the tangent :math:`Jv`; one backward pass of the primal outputs with
-        cotangent :math:`Jv` gives :math:`J^\top (Jv)`. Products in which one
-        operand does not depend on :math:`w` (the input batch of a first layer)
-        get their tangent as one product, :math:`B(x, \dot W)`, instead of
-        PyTorch's :math:`B(\dot x, W) + B(x, \dot W)` with a materialised zero
-        :math:`\dot x`, and elementwise ``*``, ``/`` by constants skip PyTorch's slow
-        zero-tangent path (see :class:`_ConstantOperands`). Works under
-        :func:`torch.no_grad` and for weights that require grad (both are
-        detached here); the result is a fresh tensor.
-        """
-        with torch.enable_grad():
-            wp = w.detach().requires_grad_(True)
-            with fwAD.dual_level(), _ConstantOperands():
-                out = self.embed(fwAD.make_dual(wp, v))
-                primal, tangent = fwAD.unpack_dual(out)
-            if tangent is None or not primal.requires_grad:
-                gv = torch.zeros_like(v)  # outputs do not depend on w
-            else:
-                (gv,) = torch.autograd.grad(primal, wp, tangent.detach(), allow_unused=True)
-                gv = torch.zeros_like(v) if gv is None else gv
+        r""":math:`J^\top J v + \lambda v` for a checked point and tangent
+        (:func:`~manifolds.forward_ad.gram_vector_product`: one dual forward pass, one
+        backward pass)."""
+        gv = gram_vector_product(self.embed, w, v)
         if not self.damping:
             return gv
-        # gv was made here from a fresh cotangent; unless autograd handed back a
-        # broadcast view (e.g. the gradient of a sum), it can take +lambda v in place.
+        # gv was made from a fresh cotangent; unless autograd handed back a broadcast
+        # view (e.g. the gradient of a sum), it can take +lambda v in place.
         return gv.add_(v, alpha=self.damping) if gv.is_contiguous() else gv + self.damping * v
 
     def matvec(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -385,6 +335,23 @@ class PullbackMetric:
             g.diagonal().add_(self.damping)
         return g
 
+    # ------------------------------------------------------------ spectrum
+    def spectrum(self, w: torch.Tensor, k: int, *, tol: float = 0.0) -> Spectrum:
+        r"""The top ``k`` eigenpairs of :math:`g(w)` (:class:`~manifolds.spectrum.Spectrum`:
+        ``eigenvalues`` descending, ``eigenvectors`` of shape ``(n, k)``, and
+        :meth:`~manifolds.spectrum.Spectrum.fraction` of a direction in their span).
+
+        From the output-space Gram when :math:`m` is at most ``output_max`` (exact; at most
+        :math:`\operatorname{rank} J` pairs, the rest of the spectrum being :math:`\lambda`),
+        else by Lanczos on :meth:`matvec` (:func:`~manifolds.spectrum.lanczos`, ``tol`` its
+        eigenvalue accuracy).
+        """
+        w = self.check_point(w)
+        if self.output_dim(w) <= self.output_max:
+            with torch.no_grad():
+                return self.output_gram(w).spectrum(k)
+        return lanczos(lambda v: self._matvec(w, v), w, k, tol=tol, damping=self.damping)
+
     # ------------------------------------------------------------ solves
     def _method(self, w: torch.Tensor, method: str | None) -> str:
         method = self.solver if method is None else method
@@ -398,69 +365,19 @@ class PullbackMetric:
             return "output"
         return "cg"
 
-    def _output_gram(self, w: torch.Tensor, chunk: int = 64):
-        r"""Eigendecomposition of :math:`K = JJ^\top` (``m x m``); returns
-        ``(eigenvalues, eigenvectors, vjp_fn)``.
-
-        For a metric :meth:`from_module` whose weights all belong to ``nn.Linear`` layers,
-        :math:`K` is built exactly from the layers' inputs and output gradients
-        (:mod:`manifolds.linear_jacobian`: one forward pass and one batched backward pass
-        per output unit); otherwise column block by column block as :math:`J(J^\top E)`
-        without forming :math:`J` (:math:`m` reverse- and :math:`m` forward-mode products).
-        """
-        if self.module is not None:
-            flat, batches = self.module, self.inputs
-            layers = linear_layers(flat.module, flat.names)
-            if layers is not None:
-                wp = w.detach().requires_grad_(True)
-                jac = linear_jacobian(
-                    layers,
-                    lambda: [flat(wp, x, train=False) for x in batches],
-                    self.output_metric,
-                    flat.dim,
-                )
-                if jac is not None:
-                    evals, evecs = torch.linalg.eigh(jac.gram())
-                    return evals, evecs, lambda u: (jac.vjp(u.reshape(1, -1))[0],)
-        e, vjp_fn = vjp(self.embed, w)
-        m = e.numel()
-        eye = torch.eye(m, dtype=e.dtype, device=e.device)
-        cols = []
-        for start in range(0, m, chunk):
-            rows = vmap(lambda u: vjp_fn(u)[0])(eye[start : start + chunk])
-            cols.append(vmap(lambda r: self._jvp(w, r))(rows))
-        gram = torch.cat(cols, dim=0)
-        gram = 0.5 * (gram + gram.T)
-        evals, evecs = torch.linalg.eigh(gram)
-        return evals, evecs, vjp_fn
-
-    def _inverse_spectrum(self, evals: torch.Tensor, power: int) -> torch.Tensor:
-        """``1/(evals + damping)**power`` with a pseudo-inverse cut-off when undamped."""
-        shifted = evals.clamp_min(0) + self.damping
-        cut = shifted.max().clamp_min(torch.finfo(evals.dtype).tiny) * (
-            evals.numel() * torch.finfo(evals.dtype).eps
-        )
-        inv = torch.where(shifted > cut, shifted.reciprocal(), torch.zeros_like(shifted))
-        return inv**power
-
-    def _dense_solve(self, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        chol, info = torch.linalg.cholesky_ex(g)
-        if int(info) == 0:
-            return torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
-        return torch.linalg.pinv(g, hermitian=True) @ b
-
-    def _residual(self, w, x, b, gx=None) -> float:
-        gx = self._matvec(w, x) if gx is None else gx
+    def _residual(self, w, x, b) -> float:
         bnorm = float(torch.linalg.vector_norm(b))
-        return 0.0 if bnorm == 0 else float(torch.linalg.vector_norm(b - gx)) / bnorm
+        if bnorm == 0:
+            return 0.0
+        return float(torch.linalg.vector_norm(b - self._matvec(w, x))) / bnorm
 
-    def _tolerance(self, dtype: torch.dtype, tol: float | None) -> float:
-        if tol is not None:
-            return float(tol)
-        return self.tol if self.tol is not None else default_tolerance(dtype)
+    def _direct_result(self, x, w, b, tol, method) -> SolveResult:
+        """A direct solve's answer with its measured residual, held to the direct tolerance."""
+        tol = solve_tolerance(b.dtype, self.tol if tol is None else tol, direct=True)
+        r = self._residual(w, x, b)
+        return SolveResult(x, r, 0, status_of(r, tol), method, tol)
 
     def _solve(self, w, b, method, tol, maxiter, x0) -> SolveResult:
-        tol = self._tolerance(b.dtype, tol)
         method = self._method(w, method)
         with torch.no_grad():
             if method == "cg":
@@ -468,41 +385,14 @@ class PullbackMetric:
                     lambda v: self._matvec(w, v),
                     b,
                     x0=x0,
-                    tol=tol,
+                    tol=solve_tolerance(b.dtype, self.tol if tol is None else tol),
                     maxiter=self.maxiter if maxiter is None else maxiter,
                 )
             elif method == "dense":
-                g = self.dense(w)
-                x = self._dense_solve(g, b)
-                r = self._residual(w, x, b, g @ x)
-                res = SolveResult(
-                    x,
-                    r,
-                    0,
-                    status_of(r, _direct_tol(tol, b.dtype)),
-                    "dense",
-                    _direct_tol(tol, b.dtype),
-                )
+                res = self._direct_result(_dense_solve(self.dense(w), b), w, b, tol, method)
             else:
-                evals, evecs, vjp_fn = self._output_gram(w)
-                jb = evecs.T @ self._jvp(w, b)
-                if self.damping:
-                    # Woodbury: (J^T J + l I)^{-1} b = (b - J^T (K + l I)^{-1} J b) / l
-                    x = (
-                        b - vjp_fn(evecs @ (self._inverse_spectrum(evals, 1) * jb))[0]
-                    ) / self.damping
-                else:
-                    # pseudo-inverse: (J^T J)^+ b = J^T K^{-2} J b
-                    x = vjp_fn(evecs @ (self._inverse_spectrum(evals, 2) * jb))[0]
-                r = self._residual(w, x, b)
-                res = SolveResult(
-                    x,
-                    r,
-                    0,
-                    status_of(r, _direct_tol(tol, b.dtype)),
-                    "output",
-                    _direct_tol(tol, b.dtype),
-                )
+                x = OutputGram(self.jacobian_operator(w), self.damping).weight_solve(b)
+                res = self._direct_result(x, w, b, tol, method)
         report_failure(res, self.on_failure)
         return res
 
@@ -530,11 +420,10 @@ class PullbackMetric:
 
         Notes
         -----
-        The output route uses Woodbury,
-        :math:`(J^\top J + \lambda I)^{-1} = \lambda^{-1}(I - J^\top (JJ^\top + \lambda I)^{-1} J)`,
-        with :math:`JJ^\top` built from :math:`m` products; undamped, it returns
-        :math:`(J^\top J)^+ b`. A solve that misses its tolerance warns or raises
-        (``on_failure``) with its residual.
+        The output route uses Woodbury (:meth:`~manifolds.gram.OutputGram.weight_solve`),
+        :math:`(J^\top J + \lambda I)^{-1} = \lambda^{-1}(I - J^\top (JJ^\top + \lambda I)^{-1} J)`;
+        undamped, it returns :math:`(J^\top J)^+ b`. A solve that misses its tolerance warns
+        or raises (``on_failure``) with its residual.
         """
         return self.solve_result(w, b, method=method, tol=tol, maxiter=maxiter, x0=x0).x
 
@@ -570,7 +459,8 @@ class PullbackMetric:
 
         :math:`D^2F[v, v]` comes from a forward-over-forward JVP; the solve is
         dense (:meth:`dense_acceleration`), in output space
-        (:math:`-J^\top (JJ^\top + \lambda I)^{-1} h`) or by CG (warm-started from
+        (:math:`-J^\top (JJ^\top + \lambda I)^{-1} h`,
+        :meth:`~manifolds.gram.OutputGram.least_squares_step`) or by CG (warm-started from
         ``x0``, e.g. the previous step's acceleration). Arguments as for :meth:`solve`;
         :meth:`acceleration_result` for the residual and status.
         """
@@ -596,21 +486,16 @@ class PullbackMetric:
     def _acceleration(self, w, v, method=None, tol=None, maxiter=None, x0=None) -> SolveResult:
         method = self._method(w, method)
         with torch.no_grad():
+            h = self._second_derivative(w, v)
+            jac = self.jacobian_operator(w)
+            rhs = -jac.vjp(h.unsqueeze(0))[0]  # -J^T h: the acceleration is g^{-1} of it
+            if method == "cg":
+                return self._solve(w, rhs, method, tol, maxiter, x0)
             if method == "dense":
                 a = self.dense_acceleration(w, v)
-                _, h = self._jvp2(w, v)
-                r = self._residual(w, a, -self._vjp(w, h))
-            elif method == "cg":
-                _, h = self._jvp2(w, v)
-                return self._solve(w, -self._vjp(w, h), method, tol, maxiter, x0)
-            else:
-                # -J^T (K + l I)^{-1} h: no weight-space solve at all.
-                _, h = self._jvp2(w, v)
-                evals, evecs, vjp_fn = self._output_gram(w)
-                a = -vjp_fn(evecs @ (self._inverse_spectrum(evals, 1) * (evecs.T @ h)))[0]
-                r = self._residual(w, a, -vjp_fn(h)[0])
-        tol = _direct_tol(self._tolerance(v.dtype, tol), v.dtype)
-        res = SolveResult(a, r, 0, status_of(r, tol), method, tol)
+            else:  # -J^T (K + l I)^{-1} h: no weight-space solve at all
+                a = -OutputGram(jac, self.damping).least_squares_step(h)
+            res = self._direct_result(a, w, rhs, tol, method)
         report_failure(res, self.on_failure)
         return res
 
@@ -654,117 +539,9 @@ class PullbackMetric:
         return poison - jac.T @ torch.linalg.solve(k, h)
 
 
-#: Operations :math:`B(a, b)` linear in each of their first two arguments.
-_PRODUCTS = frozenset(
-    {
-        F.linear,
-        F.conv1d,
-        F.conv2d,
-        F.conv3d,
-        torch.matmul,
-        torch.Tensor.matmul,
-        torch.Tensor.__matmul__,
-        torch.mm,
-        torch.Tensor.mm,
-        torch.bmm,
-        torch.Tensor.bmm,
-        torch.mul,
-        torch.Tensor.mul,
-        torch.Tensor.__mul__,
-        torch.Tensor.__rmul__,
-    }
-)
-#: Those that also add a bias :math:`c` (third argument): :math:`B(a, b) + c`.
-_WITH_BIAS = frozenset({F.linear, F.conv1d, F.conv2d, F.conv3d})
-#: :math:`a / b`, linear in :math:`a` (true division only).
-_DIVISIONS = frozenset(
-    {
-        torch.div,
-        torch.Tensor.div,
-        torch.Tensor.__truediv__,
-        torch.true_divide,
-        torch.Tensor.true_divide,
-    }
-)
-#: Those of the above that accept a Python number as either operand.
-_NUMBER_OPERANDS = frozenset(
-    {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__} | _DIVISIONS
-)
-
-
-class _ConstantOperands(TorchFunctionMode):
-    r"""Dual-number products and quotients with a constant operand, at the cost of one op.
-
-    PyTorch's forward-mode rule for a product :math:`B(a, b)` (linear,
-    convolution, matmul, elementwise ``*``) is
-    :math:`\dot y = B(\dot a, b) + B(a, \dot b)`. When :math:`a` carries no
-    tangent, :math:`\dot a` is an "efficient zero tensor", and torch (2.x, CPU)
-    pays for it in full: a product by zero is materialised (the data entering a
-    first layer: two full products instead of one), and an elementwise
-    ``*`` or ``/`` by a constant goes through a meta-tensor shape computation in
-    Python (about 0.2 ms a call, whatever the tensor's size). Inside this mode
-    such calls compute
-
-    .. math::
-
-        y = B(a, b_p) + c_p \ \text{(recorded for reverse mode)}, \qquad
-        \dot y = B(a, \dot b) + \dot c \ \text{(not recorded)},
-
-    likewise :math:`\dot y = \dot a / b` for :math:`y = a / b` with constant
-    :math:`b`, and return the dual number :math:`(y, \dot y)`. Every other call,
-    and every call whose operands all carry tangents, goes to PyTorch unchanged.
-    Exact: the tangent is the same operation applied to the same numbers, minus
-    the terms that are zero. The tangent is not recorded in the reverse-mode
-    graph, which :meth:`PullbackMetric._matvec` never differentiates.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = {} if kwargs is None else kwargs
-        if func in _PRODUCTS or func in _DIVISIONS:
-            split = _split_constant_operand(func, args, kwargs)
-            if split is not None:
-                primal_args, tangent_args, options = split
-                primal = func(*primal_args, **options)
-                with torch.no_grad():
-                    tangent = func(*tangent_args, **options)
-                return fwAD.make_dual(primal, tangent)
-        return func(*args, **kwargs)
-
-
-def _unpack(x):
-    """``(primal, tangent)`` at the current dual level; a Python number is a constant."""
-    return fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else (x, None)
-
-
-def _split_constant_operand(func, args, kwargs):
-    """Arguments for :math:`y` and :math:`\\dot y` of a call whose first two
-    operands are one carrying a tangent and one constant: ``(primal_args,
-    tangent_args, options)``, ``options`` being the keyword arguments less
-    ``bias``; ``None`` for any other call."""
-    if len(args) < 2 or "out" in kwargs or kwargs.get("rounding_mode") is not None:
-        return None
-    a, b = args[0], args[1]
-    numbers = func in _NUMBER_OPERANDS
-    for x in (a, b):
-        if not (isinstance(x, torch.Tensor) or (numbers and type(x) in (int, float))):
-            return None
-    a_p, a_t = _unpack(a)
-    b_p, b_t = _unpack(b)
-    if (a_t is None) == (b_t is None) or (func in _DIVISIONS and a_t is None):
-        return None
-    primal, tangent = ((a, b_p), (a, b_t)) if a_t is None else ((a_p, b), (a_t, b))
-    rest, options = args[2:], dict(kwargs)
-    if func not in _WITH_BIAS:
-        return (*primal, *rest), (*tangent, *rest), options
-    bias = rest[0] if rest else options.pop("bias", None)
-    rest = rest[1:]
-    if bias is None:
-        return (*primal, None, *rest), (*tangent, None, *rest), options
-    if not isinstance(bias, torch.Tensor):
-        return None
-    c_p, c_t = fwAD.unpack_dual(bias)
-    return (*primal, c_p, *rest), (*tangent, c_t, *rest), options
-
-
-def _direct_tol(tol: float, dtype: torch.dtype) -> float:
-    return max(tol, 1e3 * torch.finfo(dtype).eps)
+def _dense_solve(g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:math:`g^{-1} b` by Cholesky; the pseudo-inverse when :math:`g` is singular."""
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
+    return torch.linalg.pinv(g, hermitian=True) @ b

@@ -44,6 +44,7 @@ from torch import nn
 from .flat import FlatModule
 from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_geodesic
 from .pullback import PullbackMetric
+from .validation import NotConvergedError
 
 __all__ = ["WeightSpace", "flat_parameter", "write_point"]
 
@@ -155,8 +156,26 @@ class WeightSpace(geoopt.Manifold):
         return x
 
     def egrad2rgrad(self, x, u) -> torch.Tensor:
-        r"""Natural gradient :math:`g(x)^{-1} u` (see :meth:`PullbackMetric.solve`)."""
-        return self.metric.solve(x, u)
+        r"""Natural gradient :math:`g(x)^{-1} u` (see :meth:`PullbackMetric.solve`).
+
+        Raises
+        ------
+        NotConvergedError
+            The solve missed its tolerance (its residual and iterations attached). An
+            optimizer stepping through this method then writes nothing: a natural gradient
+            that was not found is never applied. On a singular metric (damping 0, more
+            weights than outputs) the Euclidean gradient has a part the metric cannot see,
+            and no solve can meet the tolerance: use damping > 0.
+        """
+        res = self.metric.solve_result(x, u)
+        if not res.converged:
+            raise NotConvergedError(
+                f"the natural gradient was not found, so no step is taken: {res.message}"
+                + ("; the metric is undamped (singular)" if not self.metric.damping else ""),
+                res.residual,
+                res.iterations,
+            )
+        return res.x
 
     # -------------------------------------------------------------- maps
     def retr(self, x, u) -> torch.Tensor:

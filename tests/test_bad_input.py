@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from dense_reference import DTYPE, dense_metric_ref, flat_weights, logits_fn, make_mlp, randn
+from torch import nn
 
 from manifolds import (
     ConvergenceWarning,
@@ -101,11 +102,22 @@ def test_bad_points(metric_w, make_w, error, pattern):
 def test_dtype_mismatch_between_weights_and_inputs():
     net = make_mlp((3, 4, 2))  # float64 weights
     x32 = torch.zeros(5, 3)  # float32 inputs
-    metric = PullbackMetric.from_module(net, x32)
-    with pytest.raises(
-        TypeError, match="weights have dtype torch.float64.*inputs have dtype torch.float32"
-    ):
-        metric.matvec(flat_weights(net), torch.zeros(26, dtype=DTYPE))
+    pattern = "weights have dtype torch.float64.*inputs have dtype torch.float32"
+    with pytest.raises(TypeError, match=pattern):  # caught where the metric is made
+        PullbackMetric.from_module(net, x32)
+    metric = PullbackMetric.from_module(net, x32.double())
+    with pytest.raises(TypeError, match="weights have dtype torch.float32.*inputs have dtype"):
+        metric.matvec(flat_weights(net).float(), torch.zeros(26))
+
+
+def test_inputs_the_network_cannot_take_fail_where_the_metric_is_made():
+    net = make_mlp((3, 4, 2))
+    with pytest.raises(ValueError, match=r"inputs of shape \(5, 4\).*cannot be fed to Sequential"):
+        PullbackMetric.from_module(net, torch.zeros(5, 4, dtype=DTYPE))
+    with torch.no_grad():
+        net[0].weight.fill_(math.nan)
+    with pytest.raises(ValueError, match="outputs on the task inputs contain NaN or Inf"):
+        PullbackMetric.from_module(net, torch.ones(5, 3, dtype=DTYPE))
 
 
 @pytest.mark.parametrize(
@@ -253,3 +265,30 @@ def test_cg_not_converged_solve_result(fifty_weights):
     with pytest.warns(ConvergenceWarning):
         res2 = warn_metric.solve_result(w, b)
     assert res2.converged is False and res2.residual == pytest.approx(res.residual, rel=1e-12)
+
+
+def test_singular_metric_step_is_refused_and_weights_untouched():
+    """A README-style RiemannianSGD step on an undamped metric with more weights than outputs
+    (CG on a singular g; the gradient has a part g cannot see) is refused with the solve's
+    residual; the parameter keeps its value instead of taking a step of norm ~1e18."""
+    import geoopt
+
+    from manifolds import flat_parameter
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 10)).double()
+    x_a, x_b = torch.randn(40, 20, dtype=DTYPE), torch.randn(16, 20, dtype=DTYPE)
+    y_b = torch.randint(0, 10, (16,))
+    metric = PullbackMetric.from_module(
+        net, x_a, output_metric="fisher", on_failure="ignore", maxiter=60
+    )
+    assert metric.damping == 0 and metric._method(flat_weights(net), None) == "cg"
+    space = WeightSpace(metric)
+    w = flat_parameter(net, space)
+    before = w.detach().clone()
+    opt = geoopt.optim.RiemannianSGD([w], lr=0.1)
+    nn.functional.cross_entropy(metric.module(w, x_b), y_b).backward()
+    with pytest.raises(NotConvergedError, match="no step is taken") as info:
+        opt.step()
+    assert info.value.residual > 1e-3
+    assert torch.equal(w.detach(), before)

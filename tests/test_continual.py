@@ -280,7 +280,7 @@ def test_fip_keeps_the_old_task_where_fine_tuning_forgets_it(tasks):
     two = tasks[:2]
     kw = dict(memory_per_class=10, scenario="class", epochs=5, lr=0.5, seed=0, progress=False)
     fine = run_continual(two, "finetune", small_mlp, **kw)
-    options = dict(damping=1.0, refresh_iterations=1000, solve_maxiter=40)
+    options = dict(damping=1.0)
     fip = run_continual(two, FIPMethod(**options), small_mlp, **kw)
     assert fip.accuracy[0, 0] == fine.accuracy[0, 0]  # task 0 is the same SGD run
     assert fine.accuracy[1, 0] < 10  # class-incremental fine-tuning forgets task 0 ...
@@ -301,11 +301,12 @@ def test_fip_options_cannot_override_what_the_run_sets():
 
 
 def test_fip_config_with_an_anchor_transform_is_json():
-    from riemfip.optim import GaussianNoise
+    from riemfip.optim import AnchorSampling, GaussianNoise
 
-    config = FIPMethod(anchor_transform=GaussianNoise(0.3), damping=0.1).config()
+    config = FIPMethod(anchors=AnchorSampling(transform=GaussianNoise(0.3)), damping=0.1).config()
     assert json.loads(json.dumps(config)) == {
         "lr_scale": 1.0,
-        "anchor_transform": "GaussianNoise(std=0.3)",
+        "anchors": "AnchorSampling(batch=None, transform=GaussianNoise(std=0.3), "
+        "holdout_fraction=0.2, seed=0)",
         "damping": 0.1,
     }

@@ -14,18 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from manifolds import PullbackMetric
+from manifolds import PullbackMetric, WeightSpace, flat_parameter
 from riemfip.optim import (
     FIP,
+    AnchorSampling,
+    DriftGuard,
+    FIPPenalty,
     GaussianNoise,
     NeighbourNoise,
+    PullBack,
     RandomShift,
-    anchor_spectrum,
-    solve_output_system,
 )
-from riemfip.optim.anchor import GroupFunction, holdout_mask
-from riemfip.optim.linear_gram import linear_gram_plan
-from riemfip.optim.output_solve import embedded_outputs
+from riemfip.optim.anchor import holdout_mask
 
 DIM, CLASSES = 6, 4
 
@@ -102,50 +102,73 @@ def held_out_change(net, w0_net, x):
 
 
 # --------------------------------------------------------------------- the math
-def test_output_solve_matches_dense_natural_gradient(task):
-    """The per-step direction is lambda g^{-1} grad for the dense metric at the current weights,
-    and the pull-back is J^T (JJ^T + lambda)^{-1} r."""
-    net = copy.deepcopy(task["net"])
-    with torch.no_grad():  # move away from where the spectrum is factored
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+def test_natural_direction_is_metric_solve_and_dense_natural_gradient(task):
+    """The per-step direction is lambda g^{-1} grad for the anchor metric at the current
+    weights: PullbackMetric.solve on the same anchors and the dense solve agree with it; the
+    pull-back is J^T (JJ^T + lambda)^{-1} r."""
     x = task["anchors"]
-    fn = GroupFunction(net, list(net.parameters()))
-    w = flat(net)
     for metric_name in ("euclidean", "fisher"):
-        metric = PullbackMetric(lambda v, fn=fn: fn(v, x), output_metric=metric_name)
-        spectrum = anchor_spectrum(fn, metric.output_metric, flat(task["net"]), x, damping=1e-3)
+        net = copy.deepcopy(task["net"])
+        opt = FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=x,
+            output_metric=metric_name,
+            anchors=AnchorSampling(holdout_fraction=0.0),
+        )
+        with torch.no_grad():  # move away from where the damping was set
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        w = flat(net)
+        metric = opt.manifold().metric
+        lam = opt.damping_of()
+        assert metric.damping == lam
         jac = metric.jacobian(w)
-        lam = spectrum.damping
         g = jac.T @ jac + lam * torch.eye(w.numel(), dtype=w.dtype)
         grad = torch.randn(w.numel(), dtype=w.dtype)
         r = torch.randn(jac.shape[0], dtype=w.dtype)
-        solve = solve_output_system(
-            lambda v, fn=fn, om=metric.output_metric: embedded_outputs(om, fn(v, x)),
-            w,
-            torch.stack([jac @ grad, r]),
-            spectrum,
-            tol=1e-12,
-            maxiter=500,
-        )
-        direction = grad - solve.pulled_back[0]
+        direction = opt.natural_direction(w, grad)
         expected = lam * torch.linalg.solve(g, grad)
         assert torch.allclose(direction, expected, rtol=1e-6, atol=1e-9 * float(grad.norm()))
+        via_solve = lam * metric.solve(w, grad, method="dense")
+        assert torch.allclose(direction, via_solve, rtol=1e-6, atol=1e-9 * float(grad.norm()))
         pull = jac.T @ torch.linalg.solve(jac @ jac.T + lam * torch.eye(len(r), dtype=w.dtype), r)
-        assert torch.allclose(solve.pulled_back[1], pull, rtol=1e-6, atol=1e-9)
+        step = metric.output_gram(w).least_squares_step(r)
+        assert torch.allclose(step, pull, rtol=1e-6, atol=1e-9)
 
 
-def test_anchor_spectrum_matches_dense_gram(task):
-    net, x = task["net"], task["anchors"]
-    fn = GroupFunction(net, list(net.parameters()))
+def test_relative_damping_is_set_from_the_mean_eigenvalue_at_the_start(task):
+    net, x = copy.deepcopy(task["net"]), task["anchors"]
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=x,
+        output_metric="fisher",
+        anchors=AnchorSampling(holdout_fraction=0.0),
+    )
+    jac = PullbackMetric.from_module(net, x, output_metric="fisher").jacobian(flat(net))
+    dense = torch.linalg.eigvalsh(jac @ jac.T)
+    assert math.isclose(opt.damping_of(), 1e-3 * float(dense.sum()) / jac.shape[0], rel_tol=1e-9)
+
+
+def test_spectrum_matches_dense_eigenpairs(task):
+    """PullbackMetric.spectrum: the top-k eigenpairs of g from the output-space Gram and by
+    Lanczos equal the dense ones; fraction() is the share of a direction in their span."""
+    net, x = task["net"], task["anchors"][:12]
     w = flat(net)
-    metric = PullbackMetric(lambda v: fn(v, x), output_metric="fisher")
-    jac = metric.jacobian(w)
-    dense = torch.linalg.eigvalsh(jac @ jac.T).flip(0)
-    spec = anchor_spectrum(fn, metric.output_metric, w, x, damping=1e-3, rank_rtol=0.0)
-    assert spec.rank == jac.shape[0]
-    assert torch.allclose(spec.eigenvalues, dense.clamp_min(0), atol=1e-10 * float(dense[0]))
-    assert math.isclose(spec.damping, 1e-3 * float(dense.sum()) / jac.shape[0], rel_tol=1e-9)
+    for damping in (0.0, 1e-2):
+        metric = PullbackMetric.from_module(net, x, output_metric="fisher", damping=damping)
+        evals, evecs = torch.linalg.eigh(metric.dense(w))
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        for route in ("gram", "lanczos"):
+            metric.output_max = 10_000 if route == "gram" else 0
+            spec = metric.spectrum(w, 6)
+            assert spec.rank == 6
+            torch.testing.assert_close(spec.eigenvalues, evals[:6], rtol=1e-8, atol=1e-10)
+            overlap = (spec.eigenvectors.T @ evecs[:, :6]).abs()
+            torch.testing.assert_close(overlap.diagonal(), torch.ones(6, dtype=w.dtype))
+            v = evecs[:, 2] + evecs[:, 40]
+            assert spec.fraction(v) == pytest.approx(0.5, abs=1e-8)
 
 
 def test_holdout_mask_spreads_evenly():
@@ -221,7 +244,7 @@ def test_noisy_anchors_keep_unseen_old_inputs_better(task):
             model=net,
             anchor_inputs=task["anchors"],
             lr=0.5,
-            anchor_transform=transform,
+            anchors=AnchorSampling(transform=transform),
         )
         losses = fip_on_new_task(net, opt, task, steps=40)
         assert losses[-1] < 0.1 * losses[0]
@@ -233,13 +256,18 @@ def test_anchor_batches_visit_every_fit_anchor_once_per_pass(task):
     """With ``anchor_batch`` each step's fit batch is a slice of a random order of the fit
     anchors, paired with their own frozen outputs, and a pass covers each anchor once."""
     net = copy.deepcopy(task["net"])
-    opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], anchor_batch=12)
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        anchors=AnchorSampling(batch=12),
+    )
     fit_x, fit_y = opt.anchor.fit_inputs, opt.anchor.fit_outputs
     assert len(fit_x) == 48
     for _ in range(2):  # two passes
         seen = []
         for _ in range(4):
-            x, y0 = opt._fit_batch()
+            x, y0 = opt._step_anchors(opt._groups[0])
             assert x.shape == (12, DIM)
             rows = torch.cdist(x, fit_x).argmin(1)
             assert torch.equal(fit_x[rows], x) and torch.equal(fit_y[rows], y0)
@@ -257,7 +285,7 @@ def test_anchor_batches_keep_old_outputs(task):
         model=net,
         anchor_inputs=task["anchors"],
         lr=0.5,
-        anchor_batch=12,
+        anchors=AnchorSampling(batch=12),
     )
     losses = fip_on_new_task(net, opt, task, steps=40)
     assert losses[-1] < 0.5 * losses[0]
@@ -285,8 +313,8 @@ def test_correct_all_pulls_every_fit_anchor_back(task):
             net.parameters(),
             model=net,
             anchor_inputs=task["anchors"],
-            anchor_batch=12,
-            correct_all=correct_all,
+            anchors=AnchorSampling(batch=12),
+            pullback=PullBack(all_anchors=correct_all),
         )
         with torch.no_grad():
             for p in net.parameters():
@@ -368,7 +396,11 @@ def test_drift_budget_is_respected(task):
     budget = 2e-3
     net = copy.deepcopy(task["net"])
     opt = FIP(
-        net.parameters(), model=net, anchor_inputs=task["anchors"], lr=0.5, drift_budget=budget
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        lr=0.5,
+        guard=DriftGuard(budget=budget),
     )
     shrunk = 0
     for _ in range(25):
@@ -377,7 +409,7 @@ def test_drift_budget_is_respected(task):
         opt.step()
         info = opt.last_info[0]
         shrunk += info.shrunk
-        assert info.drift.divergence <= budget
+        assert info.drift.divergence <= budget and info.within_budget
         assert opt.anchor_drift().divergence == pytest.approx(info.drift.divergence, rel=1e-12)
     assert shrunk > 0  # the budget was binding, so this test can fail
 
@@ -396,14 +428,13 @@ def test_state_dict_round_trip_reproduces_next_step(task, mode):
     net = copy.deepcopy(task["net"])
     kwargs = dict(model=net, anchor_inputs=task["anchors"])
     if mode == "transform":
-        kwargs["anchor_transform"] = GaussianNoise(0.3)
+        kwargs["anchors"] = AnchorSampling(transform=GaussianNoise(0.3))
     elif mode == "batch":  # the rotation is mid-pass when saved
-        kwargs["anchor_batch"] = 20
-    else:
-        kwargs["mode"] = mode
+        kwargs["anchors"] = AnchorSampling(batch=20)
     if mode != "penalty":
         kwargs["momentum"] = 0.5
-    opt = FIP(net.parameters(), lr=0.05, **kwargs)
+    kind = FIPPenalty if mode == "penalty" else FIP
+    opt = kind(net.parameters(), lr=0.05, **kwargs)
     for _ in range(3):
         opt.zero_grad()
         new_task_backward(net, task)
@@ -418,7 +449,7 @@ def test_state_dict_round_trip_reproduces_next_step(task, mode):
     net2 = copy.deepcopy(task["net"])
     net2.load_state_dict(saved_weights)
     kwargs["model"] = net2
-    opt2 = FIP(net2.parameters(), lr=0.05, **kwargs)  # anchors re-frozen at the moved weights...
+    opt2 = kind(net2.parameters(), lr=0.05, **kwargs)  # anchors re-frozen at the moved weights...
     opt2.load_state_dict(saved_state)  # ...and restored to the original ones here
     assert torch.equal(opt2.anchor.holdout_outputs, opt.anchor.holdout_outputs)
     opt2.zero_grad()
@@ -435,7 +466,7 @@ def test_penalty_mode_takes_eps_steps_toward_frozen_anchor(task):
     net = copy.deepcopy(task["net"])
     with torch.no_grad():
         net[0].weight.add_(0.3 * torch.randn_like(net[0].weight))
-    opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], mode="penalty", lr=1e-2)
+    opt = FIPPenalty(net.parameters(), model=net, anchor_inputs=task["anchors"], lr=1e-2)
     with torch.no_grad():
         net[0].weight.copy_(task["net"][0].weight)  # anchor was frozen at the perturbed weights
     drift0 = opt.anchor_drift().divergence
@@ -457,10 +488,11 @@ def test_parameter_groups_move_jointly_within_and_separately_across(task):
         {
             "params": list(net[2].parameters()) + list(net[4].parameters()),
             "lr": 1e-9,
-            "correction": 0.0,
         },
     ]
-    opt = FIP(groups, model=net, anchor_inputs=task["anchors"], lr=0.1)
+    opt = FIP(
+        groups, model=net, anchor_inputs=task["anchors"], lr=0.1, pullback=PullBack(strength=0.0)
+    )
     before = [flat(net[i]) for i in (0, 2, 4)]
     opt.zero_grad()
     new_task_backward(net, task)
@@ -510,10 +542,10 @@ def test_anchor_transform_of_wrong_shape_is_rejected(task):
         net.parameters(),
         model=net,
         anchor_inputs=task["anchors"],
-        anchor_transform=lambda x, g: x[:3],
+        anchors=AnchorSampling(transform=lambda x, g: x[:3]),
     )
     new_task_backward(net, task)
-    with pytest.raises(ValueError, match="anchor_transform must return"):
+    with pytest.raises(ValueError, match="anchor transform must return"):
         opt.step()
 
 
@@ -525,64 +557,84 @@ def test_group_with_foreign_parameter_is_rejected(task):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "make, match",
     [
-        ({"lr": -1.0}, "lr"),
-        ({"mode": "sgd"}, "mode"),
-        ({"drift_budget": 0.0}, "drift_budget"),
-        ({"correction": 2.0}, "correction"),
-        ({"holdout_fraction": 1.0}, "holdout_fraction"),
-        ({"output_metric": "hamming"}, "output metric"),
+        (lambda net, x: FIP(net.parameters(), lr=-1.0, model=net, anchor_inputs=x), "lr"),
+        (
+            lambda net, x: FIP(net.parameters(), model=net, anchor_inputs=x, momentum=1.5),
+            "momentum",
+        ),
+        (lambda net, x: DriftGuard(budget=0.0), "budget"),
+        (lambda net, x: PullBack(strength=2.0), "strength"),
+        (lambda net, x: AnchorSampling(holdout_fraction=1.0), "holdout_fraction"),
+        (
+            lambda net, x: FIP(
+                net.parameters(), model=net, anchor_inputs=x, output_metric="hamming"
+            ),
+            "output metric",
+        ),
+        (lambda net, x: FIP(net.parameters(), model=net), "together"),
     ],
 )
-def test_bad_options_are_rejected(task, kwargs, match):
-    net = task["net"]
+def test_bad_options_are_rejected(task, make, match):
     with pytest.raises(ValueError, match=match):
-        FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], **kwargs)
+        make(task["net"], task["anchors"])
 
 
-def test_linear_gram_matches_dense_jacobian(task):
-    """The Kronecker-structured K = JJ^T, Jv and J^T z of an nn.Linear stack equal the dense
-    ones, for a group holding some weights and biases only."""
+def test_factored_jacobian_matches_dense_jacobian(task):
+    """The factored K = JJ^T, Jv and J^T z of an nn.Linear stack equal the dense ones, for a
+    group holding some weights and biases only."""
     net, x = task["net"], task["anchors"]
     params = [net[0].weight, net[2].bias, net[4].weight, net[4].bias]
-    fn = GroupFunction(net, params)
-    plan = linear_gram_plan(net, fn)
-    assert plan is not None
     w = torch.cat([p.detach().reshape(-1) for p in params])
     for name in ("euclidean", "bhattacharyya"):
-        metric = PullbackMetric(lambda v: fn(v, x), output_metric=name)
+        metric = PullbackMetric.from_module(net, x, params=params, output_metric=name)
         jac = metric.jacobian(w)
-        factored = plan.jacobian(metric.output_metric, w, x)
+        factored = metric.jacobian_operator(w)
+        assert type(factored).__name__ != "AutogradJacobian"
         assert torch.allclose(factored.gram(), jac @ jac.T, rtol=1e-10, atol=1e-12)
         assert torch.allclose(factored.embedded, metric.embed(w))
         v = torch.randn(3, w.numel(), dtype=w.dtype)
         z = torch.randn(2, jac.shape[0], dtype=w.dtype)
         assert torch.allclose(factored.jvp(v), v @ jac.T, rtol=1e-10, atol=1e-12)
         assert torch.allclose(factored.vjp(z), z @ jac, rtol=1e-10, atol=1e-12)
-    assert (
-        linear_gram_plan(
-            nn.Sequential(nn.Conv1d(1, 1, 1)), GroupFunction(nn.Sequential(nn.Conv1d(1, 1, 1)), [])
-        )
-        is not None
-    )  # an empty group is trivially linear
 
 
-def test_exact_and_pcg_solvers_take_the_same_step(task):
+def test_factored_and_autograd_routes_take_the_same_step(task, monkeypatch):
     steps = []
-    for solver in ("exact", "pcg"):
+    for route in ("factored", "autograd"):
+        if route == "autograd":
+            monkeypatch.setattr(PullbackMetric, "_factored_jacobian", lambda self, w: None)
         net = copy.deepcopy(task["net"])
-        opt = FIP(
-            net.parameters(),
-            model=net,
-            anchor_inputs=task["anchors"],
-            solver=solver,
-            solve_tol=1e-10,
-            solve_maxiter=500,
-        )
+        opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"])
         for _ in range(2):
             opt.zero_grad()
             new_task_backward(net, task)
             opt.step()
         steps.append(flat(net))
     assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)
+
+
+def test_fip_on_a_flat_manifold_parameter_equals_fip_on_the_module(task):
+    """FIP([p]) on a WeightSpace whose metric is the anchor metric takes the same steps as
+    FIP(net.parameters(), model=net, anchor_inputs=...) with that metric."""
+    x = task["anchors"]
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(), model=net, anchor_inputs=x, anchors=AnchorSampling(holdout_fraction=0)
+    )
+    lam = opt.damping_of()
+    flat_net = copy.deepcopy(task["net"])
+    space = WeightSpace(PullbackMetric.from_module(flat_net, x, damping=lam))
+    p = flat_parameter(flat_net, space)
+    opt_p = FIP([p])
+    for _ in range(4):
+        opt.zero_grad()
+        new_task_backward(net, task)
+        opt.step()
+        opt_p.zero_grad()
+        loss = nn.functional.cross_entropy(space.metric.module(p, task["xb"]), task["yb"])
+        loss.backward()
+        opt_p.step()
+        torch.testing.assert_close(p.detach(), flat(net), rtol=1e-10, atol=1e-12)
+        assert opt_p.last_info[0].drift == opt.last_info[0].drift

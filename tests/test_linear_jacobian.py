@@ -19,18 +19,19 @@ def mlp():
 @pytest.mark.parametrize("name", ["euclidean", "fisher"])
 def test_output_gram_of_linear_network_is_exact_over_batches(name):
     """K = JJ^T from layer inputs and output gradients, over two input batches, equals the
-    dense Jacobian's, and the returned vjp_fn is J^T."""
+    dense Jacobian's, and its vjp is J^T."""
     net = mlp().double()
     batches = [torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)]
     metric = PullbackMetric.from_module(net, batches, output_metric=name, damping=0.1)
     assert linear_layers(net, metric.module.names) is not None
     w = metric.module.flatten()
-    evals, evecs, vjp_fn = metric._output_gram(w)
+    gram = metric.output_gram(w)
+    evals, evecs = gram.eigenpairs()
     jac = metric.jacobian(w)  # (m, n), m = 7 samples x 3 outputs
     assert evecs.shape == (21, 21)
     torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, jac @ jac.T)
     u = torch.randn(21, dtype=torch.float64)
-    torch.testing.assert_close(vjp_fn(u)[0], jac.T @ u)
+    torch.testing.assert_close(gram.jacobian.vjp(u[None])[0], jac.T @ u)
 
 
 def test_output_gram_falls_back_for_other_layers():
@@ -40,6 +41,6 @@ def test_output_gram_falls_back_for_other_layers():
     metric = PullbackMetric.from_module(net, x, damping=0.1)
     assert linear_layers(net, metric.module.names) is None
     w = metric.module.flatten()
-    evals, evecs, _ = metric._output_gram(w)
+    evals, evecs = metric.output_gram(w).eigenpairs()
     jac = metric.jacobian(w)
     torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, jac @ jac.T)

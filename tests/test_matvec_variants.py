@@ -2,7 +2,7 @@ r"""``PullbackMetric._matvec`` against dense references, and the constant-operan
 
 :meth:`PullbackMetric._matvec` computes :math:`g v = J^\top G J v / N + \lambda v` by
 one dual-number forward pass and one backward pass. Inside the forward pass,
-``_ConstantOperands`` replaces PyTorch's forward-mode rule for products and
+``ConstantOperands`` replaces PyTorch's forward-mode rule for products and
 quotients with one constant operand, :math:`\dot y = B(\dot a, b) + B(a, \dot b)`
 with :math:`\dot a = 0`, by :math:`\dot y = B(a, \dot b)` (and
 :math:`\dot y = \dot a / b` for a constant divisor). These tests check:
@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from manifolds import PullbackMetric
-from manifolds.pullback import _ConstantOperands
+from manifolds.forward_ad import ConstantOperands
 
 DTYPE = torch.float64
 
@@ -211,7 +211,7 @@ def _dual_call(f, *operands, mode: bool):
             else:
                 args.append(op)
         if mode:
-            with _ConstantOperands():
+            with ConstantOperands():
                 out = f(*args)
         else:
             out = f(*args)
@@ -302,7 +302,7 @@ def test_constant_operand_rule_matches_pytorch(rule):
 def test_floor_division_is_left_to_pytorch():
     """Floor division is not linear: the mode must not apply its rule to it."""
     x, t = _dual(5, 4, seed=1)
-    with fwAD.dual_level(), _ConstantOperands():
+    with fwAD.dual_level(), ConstantOperands():
         out = torch.div(fwAD.make_dual(x, t), 0.7, rounding_mode="floor")
         tangent = fwAD.unpack_dual(out).tangent
     assert tangent is None or torch.count_nonzero(tangent) == 0
@@ -326,7 +326,7 @@ def _count(f, *operands, mode: bool) -> dict[str, int]:
         args = [fwAD.make_dual(*op) if isinstance(op, tuple) else op for op in operands]
         counter = _CountOps()
         if mode:
-            with _ConstantOperands(), counter:
+            with ConstantOperands(), counter:
                 f(*args)
         else:
             with counter:

@@ -415,10 +415,11 @@ class FIPMethod(ContinualMethod):
         passes only the part of each gradient that leaves the anchor outputs alone
         (``mean_kept_fraction`` in the diagnostics), so it usually wants a larger rate.
     **options
-        Keyword arguments of :class:`riemfip.optim.FIP` other than ``params``,
+        Keyword arguments of :func:`riemfip.optim.path_optimizer` other than ``params``,
         ``model``, ``anchor_inputs`` and ``lr`` (e.g. ``mode="penalty", beta=10``,
-        ``damping``, ``drift_budget``, ``anchor_transform=GaussianNoise(0.3)``); recorded
-        in the result (objects by their ``repr``).
+        ``damping``, ``guard=DriftGuard(0.01)``,
+        ``anchors=AnchorSampling(transform=GaussianNoise(0.3))``); recorded in the result
+        (objects by their ``repr``).
     """
 
     name = "fip"
@@ -447,9 +448,9 @@ class FIPMethod(ContinualMethod):
         if t == 0 or len(memory) == 0:
             self._optimizer = None
             return torch.optim.SGD(model.parameters(), lr=lr)
-        from riemfip.optim import FIP
+        from riemfip.optim import path_optimizer
 
-        self._optimizer = FIP(
+        self._optimizer = path_optimizer(
             model.parameters(),
             model=model,
             anchor_inputs=memory.x,
@@ -473,8 +474,7 @@ class FIPMethod(ContinualMethod):
                 "steps": n,
                 "shrunk_steps": sum(bool(s.shrunk) for s in self._steps),
                 "mean_kept_fraction": sum(s.kept_fraction for s in self._steps) / n,
-                "mean_solve_iterations": sum(s.solve_iterations for s in self._steps) / n,
-                "final_rank": self._steps[-1].rank,
+                "mean_protected_share": sum(s.protected_share for s in self._steps) / n,
             }
         return out
 

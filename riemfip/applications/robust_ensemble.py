@@ -235,7 +235,7 @@ def fip_ensemble(
     batch_size, seed
         Minibatches of the secondary objective.
     fip_options : dict, optional
-        Keyword arguments of :class:`riemfip.optim.FIP`; default
+        Keyword arguments of :func:`riemfip.optim.path_optimizer`; default
         ``{"mode": "natural"}`` (natural-gradient steps under the anchor's pullback
         metric). On the MNIST benchmark it beat the authors' penalty mode
         (``{"mode": "penalty", "beta": 1.0}``: PGD ε 0.1 41.6% vs 20.6%) and kept
@@ -249,7 +249,7 @@ def fip_ensemble(
         ``path_steps``, and per sampled member its anchor drift (mean divergence,
         arg-max agreement) and the secondary loss at the sample.
     """
-    from riemfip.optim import FIP
+    from riemfip.optim import path_optimizer
 
     if not isinstance(start, nn.Module):
         raise TypeError(f"start must be a torch.nn.Module, got {type(start).__name__}")
@@ -264,7 +264,7 @@ def fip_ensemble(
     members = [copy.deepcopy(start).eval()]
     net = copy.deepcopy(start)
     options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
-    opt = FIP(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
+    opt = path_optimizer(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
     total = (size - 1) * steps_per_member
     diagnostics: dict = {"path_steps": total, "members": []}
     batches = minibatches(len(x), batch_size, total, seed=seed + 1, device=x.device)

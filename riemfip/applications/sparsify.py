@@ -423,11 +423,9 @@ def fip_prune(
     finetune_lr, batch_size, seed
         Masked fine-tuning (Adam), as for :func:`prune_finetune`.
     fip_options : dict, optional
-        Keyword arguments of :class:`riemfip.optim.FIP`; default
+        Keyword arguments of :func:`riemfip.optim.path_optimizer`; default
         ``{"mode": "penalty", "beta": 3.0}`` (the authors' formulation: summed
-        Bhattacharyya distance to the frozen dense outputs on the anchor). The
-        natural mode factors the anchor metric once (or every ``refresh_every``
-        steps) at a cost of seconds per factorization for LeNet-300-100.
+        Bhattacharyya distance to the frozen dense outputs on the anchor).
     progress : bool
         tqdm bar over the path.
 
@@ -439,9 +437,9 @@ def fip_prune(
         ``penalty_start``/``penalty_end`` (:func:`pruning_penalty` before and after
         the path); after a path also ``drift_divergence`` and ``drift_agreement``
         (held-out anchor divergence and arg-max agreement with the dense network at
-        the path's end), ``metric_rank`` and ``mode`` of the FIP step.
+        the path's end) and the ``mode`` of the FIP step.
     """
-    from riemfip.optim import FIP
+    from riemfip.optim import path_optimizer
 
     sparsity = _check_sparsity(sparsity)
     check_labelled(x, y, name="training data")
@@ -456,7 +454,7 @@ def fip_prune(
         diagnostics["penalty_start"] = float(pruning_penalty(net, sparsity))
     if fip_steps:
         options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
-        opt = FIP(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
+        opt = path_optimizer(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
         sched = (
             torch.optim.lr_scheduler.CosineAnnealingLR(opt, fip_steps)
             if lr_schedule == "cosine"
@@ -472,12 +470,10 @@ def fip_prune(
             if sched is not None:
                 sched.step()
         drift = opt.anchor_drift()
-        info = opt.last_info[0]
         diagnostics.update(
             drift_divergence=drift.divergence,
             drift_agreement=drift.agreement,
-            metric_rank=info.rank,
-            mode=info.mode,
+            mode=options.get("mode", "natural"),
         )
         opt.zero_grad()
     with torch.no_grad():

@@ -1,26 +1,33 @@
 """Optimizers that walk functionally invariant paths in weight space.
 
-:class:`FIP` is a :class:`torch.optim.Optimizer` (geoopt's ``OptimMixin``) that
-descends a secondary objective while keeping a network's outputs on anchor
-inputs where they were; :mod:`.anchor` holds the anchor, :mod:`.output_solve`
-the output-space solves with its pullback metric.
+:class:`FIP` is a Riemannian optimizer (geoopt's ``OptimMixin``) over the weight-space
+manifold whose metric is the anchor metric: it descends a secondary objective while keeping
+a network's outputs on anchor inputs where they were. :class:`FIPPenalty` is the authors'
+penalty formulation. Both share the anchor (:mod:`.anchor`), the policy objects
+(:mod:`.policies`) and the drift certificate (:class:`PathStepInfo`).
 """
 
-from .anchor import Anchor, GaussianNoise, GroupFunction, NeighbourNoise, RandomShift
-from .fip import FIP, AnchorDrift, FIPStepInfo
-from .output_solve import AnchorSpectrum, OutputSolve, anchor_spectrum, solve_output_system
+from .anchor import Anchor, AnchorDrift
+from .anchor_transforms import GaussianNoise, NeighbourNoise, RandomShift
+from .anchored import PathOptimizer, PathStepInfo
+from .fip import FIP
+from .modes import MODES, path_optimizer
+from .penalty import FIPPenalty
+from .policies import AnchorSampling, DriftGuard, PullBack
 
 __all__ = [
     "FIP",
     "Anchor",
-    "AnchorSpectrum",
-    "OutputSolve",
-    "anchor_spectrum",
-    "solve_output_system",
     "AnchorDrift",
-    "FIPStepInfo",
+    "AnchorSampling",
+    "DriftGuard",
+    "FIPPenalty",
     "GaussianNoise",
+    "MODES",
     "NeighbourNoise",
+    "PathOptimizer",
+    "PathStepInfo",
+    "PullBack",
     "RandomShift",
-    "GroupFunction",
+    "path_optimizer",
 ]

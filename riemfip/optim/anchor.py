@@ -1,40 +1,48 @@
-r"""The anchor of a functionally invariant path: frozen inputs, frozen outputs, and the
-map from one parameter group's flat weights to the network's outputs on them.
+r"""The anchor of a functionally invariant path: stored inputs and the frozen outputs on them.
 
-A FIP run keeps a network's outputs on *anchor* inputs :math:`x_1, \dots, x_N`
-(stored old-task data) close to the outputs :math:`y^0_b = f(w_0; x_b)` the
-network had when the run started. :class:`Anchor` holds
+A FIP run keeps a network's outputs on *anchor* inputs :math:`x_1, \dots, x_N` (stored
+old-task data) close to the outputs :math:`y^0_b = f(w_0; x_b)` the network had when the
+run started. :class:`Anchor` holds
 
-* the anchor inputs, split into a *fit* part (which defines the metric) and a
-  *held-out* part (on which drift is measured, so that the drift reported is not
-  the quantity the metric was fitted to);
-* the frozen outputs :math:`y^0` on both parts;
-* :class:`GroupFunction`, ``w -> f(w; x)`` for the flat weights of one parameter
-  group, the other parameters of the network held at their current values.
+* the anchor inputs, split into a *fit* part (which defines the metric) and a *held-out*
+  part (on which drift is measured, so that the drift reported is not the quantity the
+  metric was fitted to);
+* the frozen outputs :math:`y^0` on both parts, and the frozen network that scores new
+  inputs (transformed anchors) at :math:`w_0`.
 
-The network is always evaluated in eval mode (BatchNorm running statistics,
-Dropout off), so outputs are a deterministic function of the weights.
+The network is always evaluated in eval mode (BatchNorm running statistics, Dropout off)
+and through :class:`~manifolds.flat.FlatModule`, so outputs are a deterministic function
+of the weights and measuring them never writes into the live model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
-from manifolds.flat import training_mode
-from manifolds.pullback import as_batches
+from manifolds import as_batches
+from manifolds.flat import FlatModule
+from manifolds.output_metrics import OutputMetric
 
-__all__ = [
-    "Anchor",
-    "GroupFunction",
-    "GaussianNoise",
-    "NeighbourNoise",
-    "RandomShift",
-    "holdout_mask",
-]
+__all__ = ["Anchor", "AnchorDrift", "holdout_mask"]
+
+
+@dataclass(frozen=True)
+class AnchorDrift:
+    """How far the outputs on held-out anchor inputs are from the frozen ones.
+
+    Attributes
+    ----------
+    divergence : float
+        Mean output-metric divergence :math:`D(f(w; x'), y^0)` over held-out anchors.
+    agreement : float
+        Fraction of held-out anchors whose arg-max output is unchanged.
+    """
+
+    divergence: float
+    agreement: float
 
 
 def holdout_mask(n: int, fraction: float) -> torch.Tensor:
@@ -48,203 +56,9 @@ def holdout_mask(n: int, fraction: float) -> torch.Tensor:
     return torch.floor((idx + 1) * fraction) > torch.floor(idx * fraction)
 
 
-class GaussianNoise:
-    r"""Anchor transform :math:`x \mapsto x + s\,\xi`, :math:`\xi \sim \mathcal N(0, I)`.
-
-    For :class:`~riemfip.optim.FIP`'s ``anchor_transform``: the metric is then pulled
-    back from the outputs on a Gaussian neighbourhood of each anchor (radius ``std``
-    in input units) instead of on the anchor points alone. A class (not a closure)
-    so that it pickles.
-    """
-
-    def __init__(self, std: float):
-        std = float(std)
-        if not std >= 0:
-            raise ValueError(f"std must be >= 0, got {std}")
-        self.std = std
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        return x + self.std * noise
-
-    def __repr__(self) -> str:
-        return f"GaussianNoise(std={self.std})"
-
-
-class NeighbourNoise:
-    r"""Anchor transform along the data's local directions, estimated from the anchors'
-    nearest neighbours.
-
-    .. math::
-
-        x \mapsto x + \frac{s}{\sqrt k} \sum_{j \in \mathcal N_k(x)} \xi_j\,(x_j - x)
-              + \sigma\,\zeta, \qquad \xi \sim \mathcal N(0, I_k),\;
-              \zeta \sim \mathcal N(0, I),
-
-    :math:`\mathcal N_k(x)` the :math:`k` stored inputs nearest to :math:`x` (Euclidean,
-    :math:`x` itself excluded). The first term is a Gaussian whose covariance is
-    :math:`s^2` times the local second moment of the neighbours about :math:`x`: it
-    spreads each anchor along the directions in which nearby stored inputs differ
-    from it (for images of one digit, its writing variations), so that the metric
-    pulled back from these points protects the old task's data manifold around the
-    anchor rather than an isotropic ball (:class:`GaussianNoise`, the second term,
-    :math:`\sigma` = ``std``), most of whose directions no old input takes. Needs no
-    labels.
-
-    Parameters
-    ----------
-    k : int
-        Neighbours per anchor, ``k >= 1`` (and fewer than the inputs they are drawn from).
-    scale : float
-        :math:`s \ge 0`.
-    std : float
-        :math:`\sigma \ge 0`, isotropic noise added after.
-    inputs : torch.Tensor, optional
-        The stored inputs neighbours are drawn from, ``(N, ...)``; default: the batch being
-        transformed (all fit anchors, unless FIP's ``anchor_batch`` is set).
-    """
-
-    def __init__(
-        self, k: int = 5, scale: float = 0.5, std: float = 0.0, inputs: torch.Tensor | None = None
-    ):
-        k, scale, std = int(k), float(scale), float(std)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if not (scale >= 0 and std >= 0):
-            raise ValueError(f"scale and std must be >= 0, got {scale} and {std}")
-        if inputs is not None:
-            if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
-                raise TypeError("inputs must be a tensor of shape (N, ...)")
-            if k >= len(inputs):
-                raise ValueError(f"k must be below the {len(inputs)} inputs, got {k}")
-            inputs = inputs.detach().reshape(len(inputs), -1)
-        self.inputs = inputs
-        self.k, self.scale, self.std = k, scale, std
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        flat = x.reshape(len(x), -1)
-        stored = flat if self.inputs is None else self.inputs.to(device=x.device, dtype=x.dtype)
-        if self.k >= len(stored):
-            raise ValueError(f"k={self.k} neighbours, but only {len(stored)} inputs to draw from")
-        dist = torch.cdist(flat, stored)
-        # k + 1 nearest, the nearest (x itself when x is stored) dropped
-        near = dist.topk(self.k + 1, dim=1, largest=False).indices[:, 1:]
-        xi = torch.randn(len(x), self.k, generator=generator, dtype=x.dtype, device=x.device)
-        step = torch.einsum("bk,bkd->bd", xi, stored[near] - flat[:, None])
-        out = flat + (self.scale / self.k**0.5) * step
-        if self.std > 0:
-            out = GaussianNoise(self.std)(out, generator)
-        return out.reshape(x.shape)
-
-    def __repr__(self) -> str:
-        return f"NeighbourNoise(k={self.k}, scale={self.scale}, std={self.std})"
-
-
-class RandomShift:
-    r"""Anchor transform for images: a random translation by up to ``max_shift`` pixels,
-    then isotropic noise.
-
-    .. math::
-
-        x \mapsto T_{(\delta_1, \delta_2)}\, x + \sigma\,\zeta, \qquad
-        \delta_i \sim \mathcal U\{-s, \dots, s\},\; \zeta \sim \mathcal N(0, I),
-
-    :math:`T_\delta` the shift of the image grid by :math:`\delta` pixels, vacated pixels
-    set to 0. Small translations are the commonest difference between two images of one
-    handwritten digit, so the metric pulled back from shifted anchors protects the old
-    task where its test inputs lie. Needs no labels.
-
-    Parameters
-    ----------
-    max_shift : int
-        :math:`s \ge 0`.
-    shape : tuple of int
-        The image's trailing ``(height, width)``; each sample holds ``channels * h * w``
-        values (flat or not).
-    std : float
-        :math:`\sigma \ge 0`.
-    """
-
-    def __init__(self, max_shift: int = 1, shape: tuple[int, int] = (28, 28), std: float = 0.0):
-        max_shift, std = int(max_shift), float(std)
-        if max_shift < 0 or not std >= 0:
-            raise ValueError(f"max_shift and std must be >= 0, got {max_shift} and {std}")
-        self.max_shift, self.shape, self.std = max_shift, tuple(int(n) for n in shape), std
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        h, w = self.shape
-        s = self.max_shift
-        img = x.reshape(len(x), -1, h, w)
-        padded = torch.nn.functional.pad(img, (s, s, s, s))
-        out = torch.empty_like(img)
-        dy = torch.randint(-s, s + 1, (len(x),), generator=generator, device=x.device)
-        dx = torch.randint(-s, s + 1, (len(x),), generator=generator, device=x.device)
-        for sy in range(-s, s + 1):
-            for sx in range(-s, s + 1):
-                sel = (dy == sy) & (dx == sx)
-                out[sel] = padded[sel, :, s - sy : s - sy + h, s - sx : s - sx + w]
-        out = out.reshape(x.shape)
-        return GaussianNoise(self.std)(out, generator) if self.std > 0 else out
-
-    def __repr__(self) -> str:
-        return f"RandomShift(max_shift={self.max_shift}, shape={self.shape}, std={self.std})"
-
-
-class GroupFunction:
-    """``w -> model(x)`` for the flat weights ``w`` of some of ``model``'s parameters.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The network.
-    params : sequence of torch.nn.Parameter
-        Parameters of ``model`` that the flat vector holds, in this order; the
-        other parameters and buffers are read from the model at call time.
-
-    Raises
-    ------
-    ValueError
-        A parameter that is not one of ``model``'s, or a repeated one.
-    """
-
-    def __init__(self, model: nn.Module, params: Sequence[torch.Tensor]):
-        names = {id(p): name for name, p in model.named_parameters()}
-        self.model = model
-        self.names = []
-        seen = set()
-        for i, p in enumerate(params):
-            if id(p) not in names:
-                raise ValueError(
-                    f"parameter {i} of the group (shape {tuple(p.shape)}) is not a parameter of "
-                    f"the model {type(model).__name__}; FIP measures the model's outputs, so "
-                    "every parameter it moves must be one of the model's"
-                )
-            if id(p) in seen:
-                raise ValueError(f"parameter {i} of the group appears twice")
-            seen.add(id(p))
-            self.names.append(names[id(p)])
-        self.shapes = [p.shape for p in params]
-        self.numels = [p.numel() for p in params]
-        self.dim = sum(self.numels)
-
-    def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of the flat ``w`` keyed by parameter name."""
-        return {
-            n: c.view(s)
-            for n, c, s in zip(self.names, torch.split(w, self.numels), self.shapes, strict=True)
-        }
-
-    def __call__(self, w: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """Outputs of the model (eval mode) on ``x`` with the group's weights ``w``; ``None``:
-        the model's current weights, called directly (no reparametrization, so autograd
-        records the model's own parameters)."""
-        with training_mode(self.model, False):
-            if w is None:
-                return self.model(x)
-            return functional_call(self.model, self.unflatten(w), (x,), strict=False)
-
-
-def _concat_inputs(name: str, data, like: torch.Tensor) -> torch.Tensor:
+def concat_inputs(name: str, data, like: torch.Tensor) -> torch.Tensor:
+    """Batches of inputs (see :func:`manifolds.as_batches`) as one tensor in ``like``'s device
+    and floating dtype, checked to hold samples of one shape."""
     batches = as_batches(data)
     shape = batches[0].shape[1:]
     for i, x in enumerate(batches):
@@ -259,12 +73,15 @@ def _concat_inputs(name: str, data, like: torch.Tensor) -> torch.Tensor:
 
 
 class Anchor:
-    r"""Anchor inputs and the network's frozen outputs on them.
+    r"""Anchor inputs, split into fit and held-out parts, and the frozen outputs on both.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The network; its outputs on the anchor are frozen now, at construction.
+    network : FlatModule
+        The network as a function of flat weights.
+    frozen_weights : torch.Tensor
+        :math:`w_0` for ``network``: the outputs on the anchor are frozen there, and
+        :meth:`frozen_outputs` scores new inputs there.
     inputs : tensor or iterable of batches
         Anchor inputs (``(inputs, targets)`` batches are accepted; targets are
         ignored: FIP never needs labels for the old task).
@@ -272,17 +89,7 @@ class Anchor:
         Inputs on which drift is measured. Without them, ``holdout_fraction`` of
         ``inputs`` (evenly spread, see :func:`holdout_mask`) is held out.
     holdout_fraction : float
-        Share of ``inputs`` held out when ``holdout_inputs`` is not given, in
-        ``[0, 1)``. With 0, drift is measured on the fit inputs themselves.
-
-    Attributes
-    ----------
-    fit_inputs, holdout_inputs : torch.Tensor
-        Concatenated inputs, on the parameters' device (floating inputs in their dtype).
-    fit_outputs, holdout_outputs : torch.Tensor
-        The frozen outputs :math:`y^0`, shape ``(N, C)``.
-    holdout_is_fit : bool
-        Whether drift is measured on the fit inputs (no held-out data).
+        In ``[0, 1)``; 0 measures drift on the fit anchors themselves.
 
     Raises
     ------
@@ -293,25 +100,23 @@ class Anchor:
 
     def __init__(
         self,
-        model: nn.Module,
+        network: FlatModule,
+        frozen_weights: torch.Tensor,
         inputs: torch.Tensor | Iterable,
         *,
         holdout_inputs: torch.Tensor | Iterable | None = None,
         holdout_fraction: float = 0.2,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        like = next(model.parameters(), None)
-        if like is None:
-            raise ValueError(f"{type(model).__name__} has no parameters")
         holdout_fraction = float(holdout_fraction)
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
-        self.model = model
-        x = _concat_inputs("anchor_inputs", inputs, like)
+        self.network = network
+        self.frozen_weights = frozen_weights.detach().clone()
+        like = self.frozen_weights
+        x = concat_inputs("anchor_inputs", inputs, like)
         if holdout_inputs is not None:
             self.fit_inputs = x
-            self.holdout_inputs = _concat_inputs("holdout_inputs", holdout_inputs, like)
+            self.holdout_inputs = concat_inputs("holdout_inputs", holdout_inputs, like)
             if self.holdout_inputs.shape[1:] != x.shape[1:]:
                 raise ValueError(
                     f"holdout_inputs have samples of shape {tuple(self.holdout_inputs.shape[1:])}, "
@@ -328,32 +133,31 @@ class Anchor:
         else:
             self.fit_inputs = self.holdout_inputs = x
         self.holdout_is_fit = self.holdout_inputs is self.fit_inputs
-        with torch.no_grad():
-            self.fit_outputs = self.outputs_at(self.fit_inputs, "anchor_inputs")
-            self.holdout_outputs = (
-                self.fit_outputs
-                if self.holdout_is_fit
-                else self.outputs_at(self.holdout_inputs, "holdout_inputs")
-            )
+        self.fit_outputs = self.frozen_outputs(self.fit_inputs, "anchor_inputs")
+        self.holdout_outputs = (
+            self.fit_outputs
+            if self.holdout_is_fit
+            else self.frozen_outputs(self.holdout_inputs, "holdout_inputs")
+        )
         if self.holdout_outputs.shape[1:] != self.fit_outputs.shape[1:]:
             raise ValueError(
                 "the model returns outputs of different widths on the two anchor parts"
             )
 
-    def outputs_at(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The model's current outputs (eval mode) on ``x``, checked to be ``(N, C)``."""
+    def frozen_outputs(self, x: torch.Tensor, name: str = "inputs") -> torch.Tensor:
+        """The frozen network's outputs (eval mode) on ``x``, checked to be finite ``(N, C)``."""
+        model = type(self.network.module).__name__
         try:
-            with training_mode(self.model, False):
-                y = self.model(x)
+            with torch.no_grad():
+                y = self.network(self.frozen_weights, x, train=False)
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             raise ValueError(
-                f"{name} of shape {tuple(x.shape)} cannot be fed to {type(self.model).__name__}: "
-                f"{err}"
+                f"{name} of shape {tuple(x.shape)} cannot be fed to {model}: {err}"
             ) from err
         if not isinstance(y, torch.Tensor):
             raise TypeError(
-                f"{type(self.model).__name__} returned a {type(y).__name__} on {name}; FIP needs "
-                "a tensor of outputs (logits)"
+                f"{model} returned a {type(y).__name__} on {name}; FIP needs a tensor of outputs "
+                "(logits)"
             )
         if y.ndim != 2 or y.shape[0] != x.shape[0]:
             raise ValueError(
@@ -363,3 +167,31 @@ class Anchor:
         if not bool(torch.isfinite(y).all()):
             raise ValueError(f"the model's outputs on {name} contain NaN or Inf")
         return y.detach().clone()
+
+    def drift(self, outputs: torch.Tensor, metric: OutputMetric) -> AnchorDrift:
+        """:class:`AnchorDrift` of held-out ``outputs`` against the frozen ones."""
+        y0 = self.holdout_outputs
+        div = float(metric.divergence(outputs, y0).mean())
+        agree = float((outputs.argmax(-1) == y0.argmax(-1)).to(torch.float64).mean())
+        return AnchorDrift(div, agree)
+
+    def state_dict(self) -> dict:
+        """The frozen weights and outputs (the inputs are not stored)."""
+        return {
+            "frozen_weights": self.frozen_weights.clone(),
+            "fit_outputs": self.fit_outputs.clone(),
+            "holdout_outputs": self.holdout_outputs.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; shapes must match this anchor's."""
+        for key in ("frozen_weights", "fit_outputs", "holdout_outputs"):
+            new, old = state[key], getattr(self, key)
+            if new.shape != old.shape:
+                raise ValueError(
+                    f"saved anchor {key} have shape {tuple(new.shape)}, this optimizer's "
+                    f"{tuple(old.shape)}: build it with the same model and anchor_inputs"
+                )
+            setattr(self, key, new.to(device=old.device, dtype=old.dtype).clone())
+        if self.holdout_is_fit:
+            self.holdout_outputs = self.fit_outputs

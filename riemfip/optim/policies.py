@@ -1,0 +1,146 @@
+"""Small policy objects that group a path optimizer's options by what they decide.
+
+:class:`AnchorSampling`
+    Which anchors each step protects: all fit anchors or a rotating batch, each point or
+    a random neighbourhood of it, and which share is held out to measure drift.
+:class:`PullBack`
+    How strongly each step pulls the anchor outputs back toward the frozen ones.
+:class:`DriftGuard`
+    The budget on held-out drift that every step is certified against.
+
+Each validates its fields when made, so a bad option fails where it is written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AnchorSampling", "DriftGuard", "PullBack", "check_number"]
+
+
+def check_number(name, value, *, low=None, high=None, low_open=False, allow_none=False):
+    """``value`` as a finite float within the bounds, or a ``TypeError``/``ValueError`` naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got bool")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    ok = math.isfinite(v)
+    if low is not None:
+        ok = ok and (v > low if low_open else v >= low)
+    if high is not None:
+        ok = ok and v <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        raise ValueError(f"{name} must be a finite number {lo} {hi}".rstrip() + f", got {value}")
+    return v
+
+
+@dataclass(frozen=True)
+class AnchorSampling:
+    """Which anchors each step protects.
+
+    Attributes
+    ----------
+    batch : int, optional
+        Fit anchors per step (``None``: all). The fit anchors are visited in rotating
+        random order, ``batch`` at a time, so each step solves a system of ``batch``
+        :math:`\\times C` outputs instead of the whole anchor's, and every anchor is
+        visited once per pass.
+    transform : callable, optional
+        ``(x, generator) -> x'`` of the same shape (see
+        :mod:`riemfip.optim.anchor_transforms`): each step protects a fresh transform
+        of its anchors, scored by the frozen network, i.e. a neighbourhood of each
+        anchor rather than the point. Drift is still measured on the untransformed
+        held-out anchors.
+    holdout_fraction : float
+        Share of the anchor inputs held out to measure drift (when no ``holdout_inputs``
+        are given); 0 measures it on the fit anchors.
+    seed : int
+        Seed of the generator of the anchor order and the transform (saved in the
+        optimizer's ``state_dict``).
+    """
+
+    batch: int | None = None
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    holdout_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch is not None:
+            object.__setattr__(self, "batch", int(check_number("batch", self.batch, low=1)))
+        if self.transform is not None and not callable(self.transform):
+            raise TypeError(f"transform must be callable, got {type(self.transform).__name__}")
+        fraction = check_number("holdout_fraction", self.holdout_fraction, low=0, high=1)
+        if fraction >= 1:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+        object.__setattr__(self, "holdout_fraction", fraction)
+        object.__setattr__(self, "seed", int(self.seed))
+
+
+@dataclass(frozen=True)
+class PullBack:
+    r"""How each step pulls the anchor outputs back toward the frozen ones.
+
+    Attributes
+    ----------
+    strength : float
+        :math:`\gamma \in [0, 1]`, the share of the damped Gauss–Newton step toward the
+        frozen outputs of the step's anchors, :math:`-\gamma\, g^{-1} J^\top (F(w) - F(w_0))`,
+        taken each step (0: none).
+    all_anchors : bool
+        With an anchor ``batch``: after each step also pull the outputs on *all* fit
+        anchors back, by a Gauss–Newton Cauchy step (steepest descent on
+        :math:`\tfrac12\|F(w) - F(w_0)\|^2` with exact line search in the linear model:
+        one forward and backward pass and one forward-mode pass over the fit anchors),
+        scaled by :math:`\gamma`. No effect without a batch.
+    """
+
+    strength: float = 1.0
+    all_anchors: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "strength", check_number("strength", self.strength, low=0, high=1))
+        object.__setattr__(self, "all_anchors", bool(self.all_anchors))
+
+
+@dataclass(frozen=True)
+class DriftGuard:
+    """The budget on held-out drift that each step is certified against.
+
+    After every candidate step the mean divergence :math:`\\frac1{N'}\\sum_b D(f(w; x'_b), y^0_b)`
+    on the held-out anchors is measured (the output metric's divergence:
+    :math:`\\tfrac12\\|\\Delta y\\|^2`, KL, or Bhattacharyya). With a ``budget``, a step that
+    exceeds it is halved up to ``max_backtracks`` times; if it still exceeds it, only the
+    pull-back toward the frozen outputs is taken (when that lowers the drift), else the
+    weights stay put, and the step's info says the budget was exceeded.
+
+    Attributes
+    ----------
+    budget : float, optional
+        Largest held-out drift a step may leave (``None``: no limit; drift is still
+        measured and reported).
+    max_backtracks : int
+        Halvings of a step that exceeds the budget before it is refused.
+    """
+
+    budget: float | None = None
+    max_backtracks: int = 5
+
+    def __post_init__(self):
+        object.__setattr__(
+            self,
+            "budget",
+            check_number("budget", self.budget, low=0, low_open=True, allow_none=True),
+        )
+        object.__setattr__(
+            self, "max_backtracks", int(check_number("max_backtracks", self.max_backtracks, low=0))
+        )
