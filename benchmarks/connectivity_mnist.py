@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from manifolds import FlatModule
+from riemfip.applications.classifiers import mlp, trained_classifier
 from riemfip.connectivity import (
     compare_paths,
     connect,
@@ -50,36 +52,19 @@ from riemfip.geodesic import GeodesicPath
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def make_mlp(hidden: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    sizes = [784, *hidden]
-    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    layers.append(nn.Linear(sizes[-1], 10))
-    return nn.Sequential(*layers)
-
-
 def train_mlp(hidden, x, y, *, seed: int, epochs: int, cache: Path) -> tuple[nn.Module, float]:
-    """Adam (lr 1e-3, batch 64) from ``seed``; loaded from ``cache`` when already trained."""
-    net = make_mlp(hidden)
-    file = cache / f"mlp_{'-'.join(map(str, hidden))}_seed{seed}_ep{epochs}.pt"
-    if file.is_file():
-        net.load_state_dict(torch.load(file, weights_only=True))
-        return net.eval(), 0.0
+    """MLP 784-hidden-10 (ReLU), Adam (lr 1e-3, batch 64) from ``seed``; loaded from its
+    checkpoint in ``cache`` when already trained (then the time is that of the load)."""
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    net = make_mlp(hidden)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    torch.save(net.state_dict(), file)
-    return net.eval(), time.perf_counter() - start
+    net = trained_classifier(
+        lambda: mlp([784, *hidden, 10]),
+        x,
+        y,
+        steps=epochs * math.ceil(len(x) / 64),
+        seed=seed,
+        checkpoint=cache / f"mlp_{'-'.join(map(str, hidden))}_seed{seed}_ep{epochs}.pt",
+    )
+    return net, time.perf_counter() - start
 
 
 def geodesic(a, b, anchor, args, cache: Path) -> GeodesicPath:

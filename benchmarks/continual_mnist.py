@@ -38,10 +38,12 @@ from pathlib import Path
 
 from torch import nn
 
+from riemfip.applications.classifiers import mlp
 from riemfip.applications.continual import run_continual
 from riemfip.applications.continual_methods import EWC, FineTune, FIPMethod, Joint, Replay
 from riemfip.data import load_mnist, split_tasks
 from riemfip.optim import AnchorSampling, GaussianNoise
+from riemfip.plotting import png_figure
 
 BENCHMARKS = {
     "two_task": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
@@ -49,11 +51,9 @@ BENCHMARKS = {
 }
 
 
-def mlp() -> nn.Module:
+def mlp_100_100() -> nn.Module:
     """MLP 784-100-100-10 with ReLU."""
-    return nn.Sequential(
-        nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10)
-    )
+    return mlp([784, 100, 100, 10])
 
 
 def make_method(name: str, args: argparse.Namespace):
@@ -78,37 +78,31 @@ def make_method(name: str, args: argparse.Namespace):
 
 def plot_summary(records: list[dict], file: Path) -> None:
     """Bar chart: final average accuracy and forgetting of each method in each setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings = list(dict.fromkeys((r["benchmark"], r["scenario"]) for r in records))
     methods = list(dict.fromkeys(r["method"] for r in records))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), dpi=120)
     width = 0.8 / len(methods)
-    for ax, key, label in (
-        (axes[0], "average_accuracy", "final average accuracy (%)"),
-        (axes[1], "forgetting", "forgetting (points)"),
-    ):
-        for k, m in enumerate(methods):
-            vals = []
-            for s in settings:
-                hit = [
-                    r for r in records if (r["benchmark"], r["scenario"]) == s and r["method"] == m
-                ]
-                vals.append(hit[0][key] if hit and hit[0][key] is not None else float("nan"))
-            xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(settings))]
-            ax.bar(xs, vals, width, label=m)
-        ax.set_xticks(range(len(settings)), [f"{b}\n{s}-incr." for b, s in settings], fontsize=8)
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylim(0, 100)
-    axes[1].legend(fontsize=8, ncol=2)
-    fig.suptitle("Continual learning on the offline MNIST subset (MLP 784-100-100-10)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(file)
-    plt.close(fig)
+
+    def value(setting, method, key) -> float:
+        hit = [r for r in records if (r["benchmark"], r["scenario"]) == setting]
+        hit = [r[key] for r in hit if r["method"] == method and r[key] is not None]
+        return hit[0] if hit else float("nan")
+
+    with png_figure(file, ncols=2, figsize=(11, 3.6)) as (fig, axes):
+        for ax, key, label in (
+            (axes[0], "average_accuracy", "final average accuracy (%)"),
+            (axes[1], "forgetting", "forgetting (points)"),
+        ):
+            for k, m in enumerate(methods):
+                xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(settings))]
+                ax.bar(xs, [value(s, m, key) for s in settings], width, label=m)
+            labels = [f"{b}\n{s}-incr." for b, s in settings]
+            ax.set_xticks(range(len(settings)), labels, fontsize=8)
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0].set_ylim(0, 100)
+        axes[1].legend(fontsize=8, ncol=2)
+        title = "Continual learning on the offline MNIST subset (MLP 784-100-100-10)"
+        fig.suptitle(title, fontsize=10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_continual(
                     tasks,
                     make_method(name, args),
-                    mlp,
+                    mlp_100_100,
                     memory_per_class=args.memory_per_class,
                     scenario=scenario,
                     epochs=args.epochs,

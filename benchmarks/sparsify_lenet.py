@@ -6,7 +6,8 @@ toward the magnitude-pruned target, hard mask, masked fine-tuning
 (:mod:`riemfip.applications.sparsify`).
 
 Writes ``<name>.json`` and ``<name>.png`` to ``--out`` (default name
-``sparsify_lenet``). The dense network (``sparsify_lenet_dense_seed<S>_<E>ep.pt``)
+``sparsify_lenet``). The dense network (``sparsify_lenet_dense_seed<S>_<E>ep.pt``, a
+:mod:`riemfip.checkpoint`)
 and every finished row (the JSON itself) are checkpoints: rerunning resumes;
 ``--fresh`` starts over.
 
@@ -21,9 +22,7 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
-from riemfip.applications.classifiers import accuracy, lenet_300_100, train_classifier
+from riemfip.applications.classifiers import accuracy, lenet_300_100, trained_classifier
 from riemfip.applications.sparsify import sparsify_sweep
 from riemfip.data import mnist_subset
 
@@ -64,22 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         dense_path.unlink(missing_ok=True)
         json_path.unlink(missing_ok=True)
 
-    torch.manual_seed(args.seed)
-    net = lenet_300_100()
-    if dense_path.is_file():
-        net.load_state_dict(torch.load(dense_path))
-    else:
-        train_classifier(
-            net,
-            ds.x_train,
-            ds.y_train,
-            steps=args.dense_epochs * steps_per_epoch,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            progress=True,
-        )
-        torch.save(net.state_dict(), dense_path)
-    net.eval()
+    net = trained_classifier(
+        lenet_300_100,
+        ds.x_train,
+        ds.y_train,
+        steps=args.dense_epochs * steps_per_epoch,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        checkpoint=dense_path,
+        progress=True,
+    )
     print(f"dense LeNet-300-100: test {100 * accuracy(net, ds.x_test, ds.y_test):.1f}%")
 
     result = sparsify_sweep(

@@ -82,6 +82,10 @@ class Dataset:
         """The labels present: ``classes``, or ``range(num_classes)`` when unset."""
         return tuple(range(self.num_classes)) if self.classes is None else self.classes
 
+    def describe(self) -> dict:
+        """``{"name", "train", "test"}``: the name and the sizes of the splits, for records."""
+        return {"name": self.name, "train": len(self.x_train), "test": len(self.x_test)}
+
     def to(self, device=None, dtype=None) -> Dataset:
         """A copy on ``device`` with floating inputs cast to ``dtype``."""
         return dataclasses.replace(

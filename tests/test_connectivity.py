@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from manifolds import FlatModule, PullbackMetric
+from riemfip.applications.classifiers import trained_classifier
+from riemfip.checkpoint import SettingsMismatchError, load_checkpoint
 from riemfip.connectivity import (
     QuadraticBezier,
     compare_paths,
@@ -46,23 +48,15 @@ def digits():
 
 
 def _train(seed: int, data, *, hidden: int = 24, epochs: int = 30, batchnorm: bool = False):
-    torch.manual_seed(seed)
-    layers = [nn.Linear(64, hidden)]
-    if batchnorm:
-        layers.append(nn.BatchNorm1d(hidden))
-    layers += [nn.ReLU(), nn.Linear(hidden, 10)]
-    net = nn.Sequential(*layers)
+    """64-hidden-10 ReLU MLP (BatchNorm after the first layer if asked), Adam from ``seed``."""
+
+    def make():
+        norm = [nn.BatchNorm1d(hidden)] if batchnorm else []
+        return nn.Sequential(nn.Linear(64, hidden), *norm, nn.ReLU(), nn.Linear(hidden, 10))
+
     x, y = data
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    return net.eval()
+    steps = epochs * math.ceil(len(x) / 64)
+    return trained_classifier(make, x, y, steps=steps, lr=3e-3, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -295,18 +289,20 @@ def test_fit_bezier_lowers_the_loss_along_the_curve_and_resumes_from_a_checkpoin
 
     # Interrupt a run after its second checkpoint, then resume it.
     ckpt = tmp_path / "bezier.pt"
-    save = bezier_module._save_checkpoint
+    save = bezier_module.save_checkpoint
 
-    def save_then_stop(*args):
-        save(*args)
-        if args[7] == 2:  # the epoch count just written
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        if kwargs["step"] == 2:  # the epoch count just written
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(bezier_module, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(bezier_module, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         fit_bezier(a, b, train, epochs=4, lr=0.05, seed=3, checkpoint=ckpt)
-    monkeypatch.setattr(bezier_module, "_save_checkpoint", save)
-    assert len(torch.load(ckpt, weights_only=False)["losses"]) == 2
+    monkeypatch.setattr(bezier_module, "save_checkpoint", save)
+    saved = load_checkpoint(ckpt)
+    assert saved.step == 2 and len(saved.state["losses"]) == 2
+    assert saved.state["losses"] == pytest.approx(curve.losses[:2], rel=1e-5)
     resumed = fit_bezier(a, b, train, epochs=4, lr=0.05, seed=3, checkpoint=ckpt)
     assert torch.allclose(resumed.control, curve.control, atol=1e-6)
     assert resumed.losses == pytest.approx(curve.losses, rel=1e-5)
@@ -314,6 +310,8 @@ def test_fit_bezier_lowers_the_loss_along_the_curve_and_resumes_from_a_checkpoin
         fit_bezier(b, a, train, epochs=4, lr=0.05, checkpoint=ckpt)
     with pytest.raises(ValueError, match="schedule would differ"):
         fit_bezier(a, b, train, epochs=8, lr=0.05, checkpoint=ckpt)
+    with pytest.raises(SettingsMismatchError, match=r"its seed is 3, this call's is 4"):
+        fit_bezier(a, b, train, epochs=4, lr=0.05, seed=4, checkpoint=ckpt)
 
 
 def test_fit_bezier_rejects_different_architectures(digits):

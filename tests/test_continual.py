@@ -20,6 +20,7 @@ from riemfip.applications.continual_methods import (
     Replay,
     fisher_diagonal,
 )
+from riemfip.checkpoint import CorruptCheckpointError, load_checkpoint
 from riemfip.data import digits, split_tasks
 
 
@@ -232,8 +233,18 @@ def test_checkpoint_resume_equals_uninterrupted_run(tasks, tmp_path, make):
 def test_checkpoint_from_other_settings_is_refused(tasks, tmp_path):
     kw = dict(memory_per_class=2, epochs=1, progress=False, checkpoint_dir=tmp_path)
     run_continual(tasks[:2], "finetune", small_mlp, lr=0.1, **kw)
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(ValueError, match="different run: its lr is 0.1, this call's is 0.2"):
         run_continual(tasks[:2], "finetune", small_mlp, lr=0.2, **kw)
+
+
+def test_a_damaged_checkpoint_is_named_not_unpickled(tasks, tmp_path):
+    kw = dict(memory_per_class=2, epochs=1, lr=0.1, progress=False, checkpoint_dir=tmp_path)
+    run_continual(tasks[:2], "finetune", small_mlp, **kw)
+    last = tmp_path / "task_01.pt"
+    assert load_checkpoint(last).step == 2  # tasks finished
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(CorruptCheckpointError, match="task_01.pt is truncated or corrupted"):
+        run_continual(tasks[:2], "finetune", small_mlp, **kw)
 
 
 def test_bad_arguments(tasks):

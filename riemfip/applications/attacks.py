@@ -16,18 +16,20 @@ threat model for an ensemble that predicts with its mean softmax.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from .classifiers import Classifier, _check_data, _members, predict_proba
+from ..labelled import check_labelled
+from ..records import JsonRecord
+from .classifiers import Classifier, _members, predict_proba
 
 __all__ = ["AttackConfig", "ensemble_loss", "fgsm", "pgd", "attack", "robust_accuracy"]
 
 
 @dataclass(frozen=True)
-class AttackConfig:
-    """One white-box L∞ attack, as recorded in result JSON.
+class AttackConfig(JsonRecord):
+    """One white-box L∞ attack, as recorded in result JSON (:meth:`to_dict`, :meth:`from_json`).
 
     Attributes
     ----------
@@ -79,9 +81,6 @@ class AttackConfig:
         step = float(eps) / 10 if step_size is None else float(step_size)
         return cls("pgd", float(eps), int(steps), step, bool(random_start), int(seed))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _check_eps(eps: float) -> None:
     if not isinstance(eps, (int, float)) or not (0.0 <= float(eps) <= 1.0):
@@ -96,9 +95,8 @@ def _check_pgd(steps: int, step_size: float) -> None:
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
-    _check_data(x, y)
-    if not x.is_floating_point():
-        raise TypeError(f"inputs must be floating point, got {x.dtype}")
+    """Labelled data (:func:`~riemfip.labelled.check_labelled`) with inputs in the box."""
+    check_labelled(x, y, name="attacked data")
     if float(x.min()) < 0.0 or float(x.max()) > 1.0:
         raise ValueError("inputs must lie in [0, 1]: the attacks keep x + delta in that box")
 

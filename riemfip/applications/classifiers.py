@@ -8,16 +8,21 @@ batch comes from, so every method sees the same batches in the same order.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..checkpoint import resume_checkpoint, save_checkpoint
+from ..labelled import check_labelled
 
 __all__ = [
     "mlp",
     "lenet_300_100",
     "minibatches",
     "train_classifier",
+    "trained_classifier",
     "predict_proba",
     "accuracy",
 ]
@@ -95,18 +100,6 @@ def minibatches(
             done += 1
 
 
-def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError("inputs and labels must be tensors")
-    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(
-            f"expected inputs (N, ...) and labels (N,) with N > 0, got {tuple(x.shape)} "
-            f"and {tuple(y.shape)}"
-        )
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"labels must be integer class indices, got {y.dtype}")
-
-
 def train_classifier(
     model: nn.Module,
     x: torch.Tensor,
@@ -149,7 +142,7 @@ def train_classifier(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_data(x, y)
+    check_labelled(x, y, name="training data")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     model.train()
@@ -163,6 +156,68 @@ def train_classifier(
         nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
     return model
+
+
+def trained_classifier(
+    make_model: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    perturb: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    checkpoint: str | Path | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """A fresh network from ``make_model``, trained by :func:`train_classifier`, in eval mode.
+
+    The network is built after ``torch.manual_seed(seed)`` (the global generator is
+    seeded, as a script's ``torch.manual_seed`` would) and moved to the device and
+    floating dtype of ``x``; ``seed`` also orders the minibatches.
+
+    Parameters
+    ----------
+    make_model : callable
+        ``() -> nn.Module`` returning logits, initialised from the global generator.
+    x, y, steps, lr, batch_size, seed, perturb, progress
+        As for :func:`train_classifier`.
+    checkpoint : path, optional
+        The trained weights are saved there (:mod:`riemfip.checkpoint`) with the
+        training settings; a later call with the same settings loads them instead
+        of training, one with other settings is refused.
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    if not callable(make_model):
+        raise TypeError(f"make_model must be callable, got {type(make_model).__name__}")
+    check_labelled(x, y, name="training data")
+    torch.manual_seed(seed)
+    net = make_model()
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"make_model must return a torch.nn.Module, got {type(net).__name__}")
+    net.to(device=x.device, dtype=x.dtype)
+    settings = {
+        "parameters": {name: list(p.shape) for name, p in net.named_parameters()},
+        "training": {"optimizer": "adam", "steps": steps, "lr": lr, "batch_size": batch_size},
+        "seed": seed,
+        "train_size": len(x),
+        "perturbed": perturb is not None,
+    }
+    saved = resume_checkpoint(checkpoint, settings, map_location=x.device)
+    if saved is not None:
+        net.load_state_dict(saved.state["model"])
+        return net.eval()
+    train_classifier(
+        net, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed, perturb=perturb,
+        progress=progress,
+    )  # fmt: skip
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, {"model": net.state_dict()}, settings=settings, step=steps)
+    return net.eval()
 
 
 def _members(classifier: Classifier) -> list:
@@ -202,5 +257,5 @@ def predict_proba(classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(classifier: Classifier, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of ``x`` whose most probable class (mean softmax for ensembles) is ``y``."""
-    _check_data(x, y)
+    check_labelled(x, y)
     return float((predict_proba(classifier, x).argmax(-1) == y).float().mean())

@@ -31,12 +31,10 @@ accuracy the task ever had before the final task, minus its final accuracy).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +44,10 @@ from tqdm.auto import tqdm
 
 from riemfip.data import Dataset
 
-from ..plotting import pyplot
-from ..records import json_record
+from ..checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
+from ..labelled import check_dataset
+from ..plotting import png_figure
+from ..records import JsonRecord
 from .continual_methods import (
     EWC,
     ContinualMethod,
@@ -100,7 +100,7 @@ def forgetting(accuracy: np.ndarray) -> tuple[float, list[float]]:
 
 
 @dataclass
-class ContinualResult:
+class ContinualResult(JsonRecord):
     """Outcome of :func:`run_continual`.
 
     Attributes
@@ -122,7 +122,12 @@ class ContinualResult:
         Training time of each task (including the method's end-of-task work).
     diagnostics : list of dict
         The method's diagnostics after each task (e.g. EWC Fisher scale, FIP drift).
+
+    The JSON record (:meth:`to_json`, tagged ``"application": "continual"``) also holds
+    ``average_accuracy``, ``forgetting`` and ``per_task_forgetting``.
     """
+
+    application = "continual"
 
     method: str
     method_config: dict
@@ -149,29 +154,14 @@ class ContinualResult:
         return forgetting(self.accuracy)[1]
 
     def to_dict(self) -> dict:
-        """JSON-ready dictionary, summary numbers included."""
-        d = asdict(self)
-        d["accuracy"] = np.asarray(self.accuracy).tolist()
-        d["average_accuracy"] = self.average_accuracy
-        d["forgetting"] = None if math.isnan(self.forgetting) else self.forgetting
-        d["per_task_forgetting"] = self.per_task_forgetting
-        return d
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text; also written to ``path`` when given."""
-        return json_record(self.to_dict(), path)
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> ContinualResult:
-        """Read a record written by :meth:`to_json` (JSON text or a file path)."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        d = json.loads(text)
-        names = {f for f in cls.__dataclass_fields__}
-        d = {k: v for k, v in d.items() if k in names}
-        d["accuracy"] = np.asarray(d["accuracy"], dtype=float)
-        return cls(**d)
+        """JSON-ready dictionary: the fields, then the summary numbers (not read back)."""
+        fg = self.forgetting
+        return {
+            **super().to_dict(),
+            "average_accuracy": self.average_accuracy,
+            "forgetting": None if math.isnan(fg) else fg,
+            "per_task_forgetting": self.per_task_forgetting,
+        }
 
     def summary(self) -> str:
         """A few lines: the accuracy matrix, average accuracy and forgetting."""
@@ -189,51 +179,58 @@ class ContinualResult:
 
     def plot_heatmap(self, file: str | Path, *, title: str | None = None) -> Path:
         """Write the accuracy matrix as a PNG heat map (needs matplotlib) and return the path."""
-        plt = pyplot()
         r = np.asarray(self.accuracy)
         n = r.shape[0]
-        fig, ax = plt.subplots(figsize=(2.6 + 0.9 * n, 1.4 + 0.8 * n), dpi=120)
-        im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j, i, f"{r[i, j]:.1f}", ha="center", va="center",
-                    color="white" if r[i, j] < 60 else "black", fontsize=8,
-                )  # fmt: skip
-        ax.set_xticks(range(n), [", ".join(map(str, c)) for c in self.task_classes], fontsize=7)
-        ax.set_yticks(range(n), [f"after {i}" for i in range(n)], fontsize=7)
-        ax.set_xlabel("evaluated on task (classes)")
-        ax.set_ylabel("trained through task")
-        fg = self.forgetting
-        ax.set_title(
-            title
-            or f"{self.method}, {self.scenario}-incr.: avg {self.average_accuracy:.1f}%"
-            + ("" if math.isnan(fg) else f", forgetting {fg:.1f}"),
-            fontsize=9,
-        )
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
-        fig.tight_layout()
-        file = Path(file)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(file)
-        plt.close(fig)
-        return file
+        with png_figure(file, figsize=(2.6 + 0.9 * n, 1.4 + 0.8 * n)) as (fig, ax):
+            im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
+            for i in range(n):
+                for j in range(n):
+                    ax.text(
+                        j, i, f"{r[i, j]:.1f}", ha="center", va="center",
+                        color="white" if r[i, j] < 60 else "black", fontsize=8,
+                    )  # fmt: skip
+            labels = [", ".join(map(str, c)) for c in self.task_classes]
+            ax.set_xticks(range(n), labels, fontsize=7)
+            ax.set_yticks(range(n), [f"after {i}" for i in range(n)], fontsize=7)
+            ax.set_xlabel("evaluated on task (classes)")
+            ax.set_ylabel("trained through task")
+            fg = self.forgetting
+            ax.set_title(
+                title
+                or f"{self.method}, {self.scenario}-incr.: avg {self.average_accuracy:.1f}%"
+                + ("" if math.isnan(fg) else f", forgetting {fg:.1f}"),
+                fontsize=9,
+            )
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
+        return Path(file)
 
 
 def _check_tasks(tasks: Sequence[Dataset]) -> list[Dataset]:
     if isinstance(tasks, Dataset) or not isinstance(tasks, Sequence) or not tasks:
         raise TypeError("tasks must be a non-empty sequence of Dataset (see riemfip.data)")
     for i, t in enumerate(tasks):
-        if not isinstance(t, Dataset):
-            raise TypeError(f"task {i} is a {type(t).__name__}, expected a Dataset")
+        check_dataset(t, name=f"task {i}")
         if t.num_classes != tasks[0].num_classes:
             raise ValueError(
                 f"task {i} has num_classes={t.num_classes}, task 0 {tasks[0].num_classes}: "
                 "tasks must share one label space (split_tasks(..., relabel=False))"
             )
-        if len(t.x_train) == 0 or len(t.x_test) == 0:
-            raise ValueError(f"task {i} ({t.name}) has no training or no test images")
     return list(tasks)
+
+
+def _check_run_arguments(model_fn, scenario: str, epochs: int, batch_size: int, lr: float) -> float:
+    """Check :func:`run_continual`'s settings; ``lr`` as a float."""
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
+    if scenario not in _SCENARIOS:
+        raise ValueError(f"scenario must be one of {_SCENARIOS}, got {scenario!r}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    lr = float(lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    return lr
 
 
 def _heads(tasks: list[Dataset], scenario: str) -> Heads:
@@ -308,9 +305,11 @@ def run_continual(
         Seeds the initialisation, and each task's shuffling and memory choice
         (per task, so that a resumed run is identical to an uninterrupted one).
     checkpoint_dir : str or Path, optional
-        After each task the state is saved to ``checkpoint_dir/task_NN.pt``; a later
-        call with the same settings resumes after the last saved task. A checkpoint
-        written with different settings raises ``ValueError``.
+        After each task the state is saved to ``checkpoint_dir/task_NN.pt``
+        (:func:`riemfip.checkpoint.save_checkpoint`); a later call with the same
+        settings resumes after the last saved task. A checkpoint written with
+        different settings raises :class:`~riemfip.checkpoint.SettingsMismatchError`
+        (a ``ValueError`` naming the setting).
     progress : bool
         Show a tqdm progress bar over the training steps.
 
@@ -320,16 +319,7 @@ def run_continual(
     """
     tasks = _check_tasks(tasks)
     method = make_method(method)
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable, got {type(model_fn).__name__}")
-    if scenario not in _SCENARIOS:
-        raise ValueError(f"scenario must be one of {_SCENARIOS}, got {scenario!r}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    lr = float(lr)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr}")
+    lr = _check_run_arguments(model_fn, scenario, epochs, batch_size, lr)
 
     x0 = tasks[0].x_train
     device, dtype = x0.device, (x0.dtype if x0.is_floating_point() else None)
@@ -351,7 +341,7 @@ def run_continual(
         "model": type(model).__name__,
         "num_parameters": sum(p.numel() for p in model.parameters()),
     }
-    signature = {
+    settings = {
         "method": method.name,
         "method_config": method.config(),
         "scenario": scenario,
@@ -363,19 +353,12 @@ def run_continual(
     diagnostics: list[dict] = []
     start_task = 0
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
-    if ckpt is not None:
-        state = _latest_checkpoint(ckpt, len(tasks))
-        if state is not None:
-            if state["signature"] != signature:
-                raise ValueError(
-                    f"checkpoint in {ckpt} was written by a different run: "
-                    f"{state['signature']} vs {signature}; use another checkpoint_dir"
-                )
-            model.load_state_dict(state["model"])
-            method.load_state_dict(state["method"])
-            memory.load_state_dict(state["memory"])
-            rows, seconds, diagnostics = state["rows"], state["seconds"], state["diagnostics"]
-            start_task = state["task"] + 1
+    saved = _latest_checkpoint(ckpt, len(tasks), settings, device)
+    if saved is not None:
+        for part, holder in (("model", model), ("method", method), ("memory", memory)):
+            holder.load_state_dict(saved.state[part])
+        rows, seconds, diagnostics = (saved.state[k] for k in ("rows", "seconds", "diagnostics"))
+        start_task = saved.step
 
     steps = 0
     for t in range(start_task, len(tasks)):
@@ -398,20 +381,15 @@ def run_continual(
             diagnostics.append(method.diagnostics())
             bar.set_postfix_str(f"task {t}: {rows[-1][t]:.1f}%")
             if ckpt is not None:
-                _save_checkpoint(
-                    ckpt,
-                    t,
-                    {
-                        "signature": signature,
-                        "task": t,
-                        "model": model.state_dict(),
-                        "method": method.state_dict(),
-                        "memory": memory.state_dict(),
-                        "rows": rows,
-                        "seconds": seconds,
-                        "diagnostics": diagnostics,
-                    },
-                )
+                state = {
+                    "model": model.state_dict(),
+                    "method": method.state_dict(),
+                    "memory": memory.state_dict(),
+                    "rows": rows,
+                    "seconds": seconds,
+                    "diagnostics": diagnostics,
+                }
+                save_checkpoint(_task_file(ckpt, t), state, settings=settings, step=t + 1)
     finally:
         bar.close()
     return ContinualResult(
@@ -448,16 +426,18 @@ def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, 
             bar.update(1)
 
 
-def _save_checkpoint(folder: Path, t: int, state: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".task_{t:02d}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / f"task_{t:02d}.pt")
+def _task_file(folder: Path, t: int) -> Path:
+    return folder / f"task_{t:02d}.pt"
 
 
-def _latest_checkpoint(folder: Path, num_tasks: int) -> dict | None:
+def _latest_checkpoint(
+    folder: Path | None, num_tasks: int, settings: dict, device: torch.device
+) -> Checkpoint | None:
+    """The checkpoint of the last finished task in ``folder``, checked against ``settings``."""
+    if folder is None:
+        return None
     for t in reversed(range(num_tasks)):
-        path = folder / f"task_{t:02d}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=False)
+        saved = resume_checkpoint(_task_file(folder, t), settings, map_location=device)
+        if saved is not None:
+            return saved
     return None

@@ -1,7 +1,8 @@
-"""The FIP settings an application run uses: its route's defaults, updated by the user's.
+"""The FIP settings an application run uses: its route's defaults, updated by the user's,
+and the anchor inputs its path keeps.
 
-Recorded in each application's JSON so that a checkpoint is resumed only by a run
-with the same settings.
+The settings are recorded in each application's JSON and checkpoints, so that a
+checkpoint is resumed only by a run with the same settings.
 """
 
 from __future__ import annotations
@@ -9,7 +10,25 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
-__all__ = ["resolve_fip_settings"]
+import torch
+
+__all__ = ["random_anchor", "resolve_fip_settings"]
+
+
+def random_anchor(x: torch.Tensor, anchor_size: int, seed: int) -> torch.Tensor:
+    """``anchor_size`` rows of ``x`` drawn without replacement by a generator seeded with
+    ``seed``: the inputs whose outputs an application's FIP keeps.
+
+    Raises
+    ------
+    ValueError
+        ``anchor_size`` is not an integer in ``[2, len(x)]``.
+    """
+    integer = isinstance(anchor_size, int) and not isinstance(anchor_size, bool)
+    if not (integer and 2 <= anchor_size <= len(x)):
+        raise ValueError(f"anchor_size must be an integer in [2, {len(x)}], got {anchor_size!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return x[torch.randperm(len(x), generator=gen)[:anchor_size].to(x.device)]
 
 
 def resolve_fip_settings(

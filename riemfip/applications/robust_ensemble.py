@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -44,19 +43,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..plotting import pyplot
-from ..records import json_record
+from ..checkpoint import resume_checkpoint, save_checkpoint
+from ..labelled import check_dataset, check_labelled
+from ..plotting import png_figure
+from ..records import JsonRecord, percent_cells
 from .attacks import AttackConfig, attack, pgd, robust_accuracy
 from .classifiers import (
     Classifier,
-    _check_data,
     _members,
     accuracy,
     minibatches,
     predict_proba,
-    train_classifier,
+    trained_classifier,
 )
-from .fip_settings import resolve_fip_settings
+from .fip_settings import random_anchor, resolve_fip_settings
 
 __all__ = [
     "independent_ensemble",
@@ -108,17 +108,16 @@ def independent_ensemble(
         raise TypeError(f"make_model must be callable, got {type(make_model).__name__}")
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
-    _check_data(x, y)
+    check_labelled(x, y, name="training data")
     members = []
     for i in tqdm(range(size), disable=not progress, desc="independent ensemble", leave=False):
-        torch.manual_seed(seed + i)
-        net = make_model().to(device=x.device, dtype=x.dtype)
         perturb = None if adversarial is None else _attacker(adversarial, seed=1000 * (seed + i))
         members.append(
-            train_classifier(
-                net, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed + i, perturb=perturb
-            ).eval()
-        )
+            trained_classifier(
+                make_model, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed + i,
+                perturb=perturb,
+            )
+        )  # fmt: skip
     return members
 
 
@@ -260,13 +259,10 @@ def fip_ensemble(
         raise ValueError(f"steps_per_member must be a positive integer, got {steps_per_member!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    _check_data(x, y)
-    if not isinstance(anchor_size, int) or not (2 <= anchor_size <= len(x)):
-        raise ValueError(f"anchor_size must be an integer in [2, {len(x)}], got {anchor_size!r}")
+    check_labelled(x, y, name="training data")
+    anchor = random_anchor(x, anchor_size, seed)
     members = [copy.deepcopy(start).eval()]
     net = copy.deepcopy(start)
-    gen = torch.Generator().manual_seed(int(seed))
-    anchor = x[torch.randperm(len(x), generator=gen)[:anchor_size].to(x.device)]
     options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
     opt = path_optimizer(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
     total = (size - 1) * steps_per_member
@@ -323,7 +319,7 @@ def default_attacks(
 
 
 @dataclass
-class RobustnessRow:
+class RobustnessRow(JsonRecord):
     """Accuracy of one classifier under one attack.
 
     Attributes
@@ -344,7 +340,7 @@ class RobustnessRow:
 
 
 @dataclass
-class RobustnessResult:
+class RobustnessResult(JsonRecord):
     """Clean and adversarial accuracy of several classifiers.
 
     Attributes
@@ -354,7 +350,11 @@ class RobustnessResult:
         Architecture, data, training budgets, FIP settings, seeds.
     diagnostics : dict
         Per-model extras (e.g. FIP drift, member accuracies).
+
+    The JSON record (:meth:`to_json`) is tagged ``"application": "robust_ensemble"``.
     """
+
+    application = "robust_ensemble"
 
     rows: list[RobustnessRow] = field(default_factory=list)
     config: dict = field(default_factory=dict)
@@ -374,29 +374,6 @@ class RobustnessResult:
                 return r.accuracy
         raise KeyError(f"no row for {model!r} under {attack!r} at eps {eps}")
 
-    def to_dict(self) -> dict:
-        return {
-            "application": "robust_ensemble",
-            "config": self.config,
-            "diagnostics": self.diagnostics,
-            "rows": [
-                {"model": r.model, "size": r.size, "attack": r.attack, "accuracy": r.accuracy}
-                for r in self.rows
-            ],
-        }
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text; also written to ``path`` when given."""
-        return json_record(self.to_dict(), path)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> RobustnessResult:
-        data = json.loads(Path(path).read_text())
-        if data.get("application") != "robust_ensemble":
-            raise ValueError(f"{path} is not a robust_ensemble record")
-        rows = [RobustnessRow(**r) for r in data["rows"]]
-        return cls(rows, data["config"], data.get("diagnostics", {}))
-
     def table(self) -> str:
         """Accuracy (%) by model (rows) and attack (columns)."""
         attacks = list(dict.fromkeys((r.attack["name"], r.attack["eps"]) for r in self.rows))
@@ -406,59 +383,50 @@ class RobustnessResult:
         lines = [head]
         for m in self.models():
             size = next(r.size for r in self.rows if r.model == m)
-            cells = []
-            for a, e in attacks:
-                try:
-                    cells.append(f"{100 * self.accuracy(m, a, e):>12.1f}")
-                except KeyError:
-                    cells.append(f"{'-':>12}")
-            lines.append(f"{m:<14}{size:>5}" + "".join(cells))
+            cells = percent_cells(lambda attack, m=m: self.accuracy(m, *attack), attacks, 12)
+            lines.append(f"{m:<14}{size:>5}" + cells)
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
         """PNG of accuracy against ε, one panel per attack (FGSM, PGD), one line per model."""
-        plt = pyplot()
-
         names = [a for a in ("fgsm", "pgd") if any(r.attack["name"] == a for r in self.rows)]
         ncols = max(len(names), 1)
-        fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4), squeeze=False)
-        axes = list(axes[0])
-        for ax, name in zip(axes, names, strict=False):
-            for m in self.models():
-                pts = sorted(
-                    (r.attack["eps"], r.accuracy)
-                    for r in self.rows
-                    if r.model == m and r.attack["name"] == name
+        with png_figure(path, ncols=ncols, figsize=(5 * ncols, 4), squeeze=False) as (_, axes):
+            for ax, name in zip(axes[0], names, strict=False):
+                for m in self.models():
+                    self._plot_model(ax, m, name)
+                example = next(r.attack for r in self.rows if r.attack["name"] == name)
+                detail = (
+                    f"{example['steps']} steps of eps/10, "
+                    f"{'random start' if example['random_start'] else 'no random start'}"
+                    if name == "pgd"
+                    else "one step of eps"
                 )
-                try:
-                    pts = [(0.0, self.accuracy(m, "clean"))] + pts
-                except KeyError:
-                    pass
-                size = next(r.size for r in self.rows if r.model == m)
-                ax.plot(
-                    [e for e, _ in pts],
-                    [100 * a for _, a in pts],
-                    marker="o",
-                    label=f"{m} (n={size})",
-                )
-            example = next(r.attack for r in self.rows if r.attack["name"] == name)
-            detail = (
-                f"{example['steps']} steps of eps/10, "
-                f"{'random start' if example['random_start'] else 'no random start'}"
-                if name == "pgd"
-                else "one step of eps"
-            )
-            ax.set_title(f"{name.upper()} (L∞, white-box, mean softmax): {detail}", fontsize=9)
-            ax.set_xlabel("ε (pixels in [0, 1])")
-            ax.set_ylabel("test accuracy (%)")
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+                ax.set_title(f"{name.upper()} (L∞, white-box, mean softmax): {detail}", fontsize=9)
+                ax.set_xlabel("ε (pixels in [0, 1])")
+                ax.set_ylabel("test accuracy (%)")
+                ax.grid(alpha=0.3)
+                ax.legend()
+        return Path(path)
+
+    def _plot_model(self, ax, model: str, attack: str) -> None:
+        """Accuracy of ``model`` against ε under ``attack``, from its clean accuracy at ε = 0."""
+        pts = sorted(
+            (r.attack["eps"], r.accuracy)
+            for r in self.rows
+            if r.model == model and r.attack["name"] == attack
+        )
+        try:
+            pts = [(0.0, self.accuracy(model, "clean"))] + pts
+        except KeyError:
+            pass
+        size = next(r.size for r in self.rows if r.model == model)
+        ax.plot(
+            [e for e, _ in pts],
+            [100 * a for _, a in pts],
+            marker="o",
+            label=f"{model} (n={size})",
+        )
 
 
 def evaluate_robustness(
@@ -481,6 +449,7 @@ def evaluate_robustness(
     """
     if not isinstance(classifiers, dict) or not classifiers:
         raise ValueError("classifiers must be a non-empty dict name -> model or ensemble")
+    check_labelled(x, y, name="test data")
     attacks = list(attacks)
     if not attacks:
         raise ValueError("attacks must hold at least one AttackConfig")
@@ -511,31 +480,27 @@ def _fip_settings(settings: dict | None) -> dict:
 
 
 def _members_cached(
-    path: Path | None, make_model, key: dict, build
+    path: Path | None,
+    settings: dict,
+    make_model: Callable[[], nn.Module],
+    like: torch.Tensor,
+    build: Callable[[], tuple[list[nn.Module], dict]],
 ) -> tuple[list[nn.Module], dict]:
-    """``build() -> (members, diagnostics)``, or what was saved at ``path`` by a build
-    with the same ``key``."""
-    key = json.loads(json.dumps(key))
-    if path is not None and path.is_file():
-        saved = torch.load(path)
-        if saved.get("key") == key:
-            members = []
-            for state in saved["states"]:
-                net = make_model()
-                net.load_state_dict(state)
-                members.append(net.eval())
-            return members, saved.get("diagnostics", {})
+    """``build() -> (members, diagnostics)``, or what a build with the same ``settings``
+    saved at ``path`` (:mod:`riemfip.checkpoint`; one written with other settings is
+    refused). Members are rebuilt with ``make_model`` on ``like``'s device and dtype."""
+    saved = resume_checkpoint(path, settings, map_location=like.device)
+    if saved is not None:
+        members = []
+        for state in saved.state["members"]:
+            net = make_model().to(device=like.device, dtype=like.dtype)
+            net.load_state_dict(state)
+            members.append(net.eval())
+        return members, saved.state["diagnostics"]
     members, diagnostics = build()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "key": key,
-                "states": [m.state_dict() for m in members],
-                "diagnostics": diagnostics,
-            },
-            path,
-        )
+        state = {"members": [m.state_dict() for m in members], "diagnostics": diagnostics}
+        save_checkpoint(path, state, settings=settings, step=len(members))
     return members, diagnostics
 
 
@@ -579,9 +544,11 @@ def compare_ensembles(
         ``attack_steps``, ``anchor_size``, ``lr``, ``fip_options``); the record's
         config holds the values used, defaults included.
     checkpoint_dir : path, optional
-        Trained members are saved there (``independent.pt``, ``fip.pt``,
-        ``independent_adversarial.pt``) with the settings that built them, and
-        reused by a rerun with the same settings.
+        Each ensemble is saved there when built (``independent.pt``, ``fip.pt``,
+        ``independent_adversarial.pt``; :mod:`riemfip.checkpoint`) with the settings
+        that built it, and reused by a rerun with the same settings, so an interrupted
+        comparison resumes after its last finished ensemble. A file written with
+        other settings is refused (:class:`~riemfip.checkpoint.SettingsMismatchError`).
     adversarial_training : AttackConfig, optional
         Also an ``"independent-adv"`` ensemble: the same size and steps, each
         member adversarially trained with this attack (:func:`independent_ensemble`).
@@ -595,73 +562,44 @@ def compare_ensembles(
         ``"independent-adv"`` when asked); diagnostics with
         each member's clean test accuracy, FIP drift and wall times.
     """
-    if not hasattr(data, "x_train") or not hasattr(data, "x_test"):
-        raise TypeError(f"data must be a riemfip.data.Dataset, got {type(data).__name__}")
+    check_dataset(data)
     settings = _fip_settings(fip_settings)
     attacks = list(attacks)
-    ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
+    x, y = data.x_train, data.y_train
+    common = {"size": size, "batch_size": batch_size, "seed": seed, "progress": progress}
+    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
     seconds: dict = {}
 
-    t0 = time.perf_counter()
-    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
+    def cached(file: str, key: dict, build, timing: str) -> tuple[list[nn.Module], dict]:
+        t0 = time.perf_counter()
+        path = None if checkpoint_dir is None else Path(checkpoint_dir) / file
+        out = _members_cached(path, key, make_model, x, build)
+        seconds[timing] = time.perf_counter() - t0
+        return out
 
-    def trained(file: str, adversarial: AttackConfig | None) -> list[nn.Module]:
-        key = (
-            train_key
-            if adversarial is None
-            else {**train_key, "adversarial": adversarial.to_dict()}
+    def trained(adversarial: AttackConfig | None) -> tuple[list[nn.Module], dict]:
+        members = independent_ensemble(
+            make_model, x, y, steps=train_steps, lr=lr, adversarial=adversarial, **common
         )
-        members, _ = _members_cached(
-            ckpt and ckpt / file,
-            make_model,
-            key,
-            lambda: (
-                independent_ensemble(
-                    make_model,
-                    data.x_train,
-                    data.y_train,
-                    size=size,
-                    steps=train_steps,
-                    lr=lr,
-                    batch_size=batch_size,
-                    seed=seed,
-                    adversarial=adversarial,
-                    progress=progress,
-                ),
-                {},
-            ),
-        )
-        return members
+        return members, {}
 
-    independent = trained("independent.pt", None)
-    seconds["independent"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-
-    def build_fip():
-        return fip_ensemble(
-            independent[0],
-            data.x_train,
-            data.y_train,
-            size=size,
-            steps_per_member=steps_per_member,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            **settings,
-        )
-
-    fip_key = {**train_key, "steps_per_member": steps_per_member, **settings}
-    fip_members, fip_diag = _members_cached(
-        ckpt and ckpt / "fip.pt", make_model, fip_key, build_fip
+    independent, _ = cached("independent.pt", train_key, lambda: trained(None), "independent")
+    fip_members, fip_diag = cached(
+        "fip.pt",
+        {**train_key, "steps_per_member": steps_per_member, **settings},
+        lambda: fip_ensemble(
+            independent[0], x, y, steps_per_member=steps_per_member, **common, **settings
+        ),
+        "fip_path",
     )
-    seconds["fip_path"] = time.perf_counter() - t0
-
     classifiers = {"single": independent[0], "independent": independent, "fip": fip_members}
     if adversarial_training is not None:
-        t0 = time.perf_counter()
-        classifiers["independent-adv"] = trained("independent_adversarial.pt", adversarial_training)
-        seconds["independent_adversarial"] = time.perf_counter() - t0
+        classifiers["independent-adv"], _ = cached(
+            "independent_adversarial.pt",
+            {**train_key, "adversarial": adversarial_training.to_dict()},
+            lambda: trained(adversarial_training),
+            "independent_adversarial",
+        )
 
     t0 = time.perf_counter()
     rows = evaluate_robustness(
@@ -693,7 +631,7 @@ def compare_ensembles(
         else {**adversarial_training.to_dict(), "steps_per_member": train_steps},
         "attacks": [a.to_dict() for a in attacks],
         "threat_model": "white-box L-inf on the ensemble's mean softmax, inputs clipped to [0, 1]",
-        "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
+        "data": data.describe(),
         "seed": seed,
         **(config or {}),
     }

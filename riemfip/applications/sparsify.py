@@ -42,7 +42,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,10 +53,11 @@ from tqdm.auto import tqdm
 
 from manifolds.output_metrics import get_output_metric
 
-from ..plotting import pyplot
-from ..records import json_record
+from ..labelled import check_dataset, check_labelled
+from ..plotting import png_figure
+from ..records import JsonRecord, percent_cells
 from .classifiers import accuracy, minibatches, train_classifier
-from .fip_settings import resolve_fip_settings
+from .fip_settings import random_anchor, resolve_fip_settings
 
 __all__ = [
     "prunable_weights",
@@ -206,7 +207,7 @@ def prune_finetune(
 
 
 @dataclass
-class SparsifyRow:
+class SparsifyRow(JsonRecord):
     """One pruned network.
 
     Attributes
@@ -232,7 +233,7 @@ class SparsifyRow:
 
 
 @dataclass
-class SparsifyResult:
+class SparsifyResult(JsonRecord):
     """A sparsity sweep: dense accuracy and one :class:`SparsifyRow` per method and sparsity.
 
     Attributes
@@ -241,7 +242,11 @@ class SparsifyResult:
     rows : list of SparsifyRow
     config : dict
         Everything needed to rerun (architecture, data, budgets, seeds, learning rates).
+
+    The JSON record (:meth:`to_json`) is tagged ``"application": "sparsify"``.
     """
+
+    application = "sparsify"
 
     dense_test_accuracy: float
     dense_train_accuracy: float
@@ -258,68 +263,34 @@ class SparsifyResult:
                 return r
         raise KeyError(f"no row for method {method!r} at sparsity {target_sparsity}")
 
-    def to_dict(self) -> dict:
-        return {
-            "application": "sparsify",
-            "dense_test_accuracy": self.dense_test_accuracy,
-            "dense_train_accuracy": self.dense_train_accuracy,
-            "config": self.config,
-            "rows": [asdict(r) for r in self.rows],
-        }
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text; also written to ``path`` when given."""
-        return json_record(self.to_dict(), path)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> SparsifyResult:
-        data = json.loads(Path(path).read_text())
-        if data.get("application") != "sparsify":
-            raise ValueError(f"{path} is not a sparsify record")
-        rows = [SparsifyRow(**r) for r in data["rows"]]
-        return cls(data["dense_test_accuracy"], data["dense_train_accuracy"], rows, data["config"])
-
     def table(self) -> str:
         """Test accuracy (%) by method (rows) and target sparsity (columns)."""
         levels = sorted({r.target_sparsity for r in self.rows})
         head = f"{'method':<22}" + "".join(f"{100 * s:>8.0f}%" for s in levels)
         lines = [f"dense test accuracy {100 * self.dense_test_accuracy:.1f}%", head]
         for m in self.methods():
-            cells = []
-            for s in levels:
-                try:
-                    cells.append(f"{100 * self.row(m, s).test_accuracy:>9.1f}")
-                except KeyError:
-                    cells.append(f"{'-':>9}")
-            lines.append(f"{m:<22}" + "".join(cells))
+            cells = percent_cells(lambda s, m=m: self.row(m, s).test_accuracy, levels, 9)
+            lines.append(f"{m:<22}" + cells)
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
         """PNG of test accuracy against sparsity, one line per method, dense as a reference."""
-        plt = pyplot()
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m in self.methods():
-            rows = sorted((r for r in self.rows if r.method == m), key=lambda r: r.sparsity)
-            ax.plot(
-                [100 * r.sparsity for r in rows],
-                [100 * r.test_accuracy for r in rows],
-                marker="o",
-                label=m,
-            )
-        ax.axhline(100 * self.dense_test_accuracy, color="k", ls="--", lw=1, label="dense")
-        ax.set_xlabel("global weight sparsity (%)")
-        ax.set_ylabel("test accuracy (%)")
-        arch = self.config.get("architecture", "")
-        ax.set_title(f"Pruning {arch}".strip())
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        with png_figure(path, figsize=(6, 4)) as (fig, ax):
+            for m in self.methods():
+                rows = sorted((r for r in self.rows if r.method == m), key=lambda r: r.sparsity)
+                ax.plot(
+                    [100 * r.sparsity for r in rows],
+                    [100 * r.test_accuracy for r in rows],
+                    marker="o",
+                    label=m,
+                )
+            ax.axhline(100 * self.dense_test_accuracy, color="k", ls="--", lw=1, label="dense")
+            ax.set_xlabel("global weight sparsity (%)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(f"Pruning {self.config.get('architecture', '')}".strip())
+            ax.grid(alpha=0.3)
+            ax.legend()
+        return Path(path)
 
 
 def evaluate_row(
@@ -471,15 +442,13 @@ def fip_prune(
     from riemfip.optim import path_optimizer
 
     sparsity = _check_sparsity(sparsity)
+    check_labelled(x, y, name="training data")
     if not (isinstance(steps, int) and isinstance(fip_steps, int) and 0 <= fip_steps <= steps):
         raise ValueError(f"need integers 0 <= fip_steps <= steps, got {fip_steps} and {steps}")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-    if not isinstance(anchor_size, int) or not (2 <= anchor_size <= len(x)):
-        raise ValueError(f"anchor_size must be an integer in [2, {len(x)}], got {anchor_size!r}")
+    anchor = random_anchor(x, anchor_size, seed)
     net = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(int(seed))
-    anchor = x[torch.randperm(len(x), generator=gen)[:anchor_size].to(x.device)]
     diagnostics: dict = {"fip_steps": fip_steps, "finetune_steps": steps - fip_steps}
     with torch.no_grad():
         diagnostics["penalty_start"] = float(pruning_penalty(net, sparsity))
@@ -580,8 +549,7 @@ def sparsify_sweep(
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {list(methods)}")
-    if not hasattr(data, "x_train") or not hasattr(data, "x_test"):
-        raise TypeError(f"data must be a riemfip.data.Dataset, got {type(data).__name__}")
+    check_dataset(data)
     cfg = {
         "sparsities": sparsities,
         "methods": list(methods),
@@ -591,7 +559,7 @@ def sparsify_sweep(
         "finetune": {"optimizer": "adam", "lr": finetune_lr, "batch_size": batch_size},
         "fip": _fip_settings(fip_settings),
         "seed": seed,
-        "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test)},
+        "data": data.describe(),
         **(config or {}),
     }
     result = SparsifyResult(
@@ -614,33 +582,19 @@ def sparsify_sweep(
             continue
         t0 = time.perf_counter()
         extra: dict = {}
+        x, y, common = data.x_train, data.y_train, {"batch_size": batch_size, "seed": seed}
         if method == "magnitude":
             pruned, used = one_shot_prune(model, s), 0
         elif method == "magnitude+finetune":
-            pruned = prune_finetune(
-                model,
-                s,
-                data.x_train,
-                data.y_train,
-                steps=steps,
-                lr=finetune_lr,
-                batch_size=batch_size,
-                seed=seed,
+            pruned, used = (
+                prune_finetune(model, s, x, y, steps=steps, lr=finetune_lr, **common),
+                steps,
             )
-            used = steps
         else:
             pruned, extra = fip_prune(
-                model,
-                s,
-                data.x_train,
-                data.y_train,
-                steps=steps,
-                fip_steps=fip_steps,
-                finetune_lr=finetune_lr,
-                batch_size=batch_size,
-                seed=seed,
-                **(fip_settings or {}),
-            )
+                model, s, x, y, steps=steps, fip_steps=fip_steps, finetune_lr=finetune_lr,
+                **common, **(fip_settings or {}),
+            )  # fmt: skip
             used = steps
         extra["seconds"] = time.perf_counter() - t0
         result.rows.append(evaluate_row(method, s, pruned, data, used, extra))

@@ -26,6 +26,8 @@ from torch import nn
 
 from manifolds import FlatModule
 
+from ..checkpoint import Checkpoint, SettingsMismatchError, resume_checkpoint, save_checkpoint
+from ..labelled import labelled_pair
 from .evaluation import _restored_batchnorm
 
 __all__ = ["QuadraticBezier", "fit_bezier", "garipov_learning_rate"]
@@ -72,22 +74,6 @@ def garipov_learning_rate(base: float, fraction: float) -> float:
     return 0.01 * base
 
 
-def _check_pair(data) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(d, torch.Tensor) for d in data)
-    ):
-        raise TypeError("data must be an (inputs, integer labels) pair of tensors")
-    x, y = data
-    if y.is_floating_point() or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
-        raise ValueError(
-            f"labels must be a non-empty 1-D integer tensor with one label per input; got "
-            f"inputs {tuple(x.shape)} and labels {tuple(y.shape)} ({y.dtype})"
-        )
-    return x, y
-
-
 def fit_bezier(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -119,9 +105,12 @@ def fit_bezier(
     seed : int
         Seeds the minibatch order and the sampled times.
     checkpoint : path, optional
-        Written after every epoch; an existing file is resumed from (it must belong to the
-        same endpoints, ``epochs``, ``batch_size`` and ``lr``), so an interrupted run
-        continues where it stopped and ends as the uninterrupted run would.
+        Written after every epoch (:func:`riemfip.checkpoint.save_checkpoint`); an existing
+        file is resumed from, so an interrupted run continues where it stopped and ends as
+        the uninterrupted run would. It must belong to the same endpoints and have the same
+        ``epochs``, ``batch_size``, ``lr``, ``momentum``, ``weight_decay`` and ``seed``, else
+        :class:`~riemfip.checkpoint.SettingsMismatchError` (a ``ValueError``) names the one
+        that differs.
 
     Returns
     -------
@@ -137,31 +126,23 @@ def fit_bezier(
     flat, flat_b = FlatModule(model_a), FlatModule(model_b)
     flat.check_same_architecture(flat_b)
     w_a, w_b = flat.flatten(), flat_b.flatten()
-    x, y = _check_pair(data)
+    x, y = labelled_pair(data, integer_inputs=True)
     x = x.to(w_a.device, w_a.dtype) if x.is_floating_point() else x.to(w_a.device)
     y = y.to(w_a.device)
 
     control = (0.5 * (w_a + w_b)).requires_grad_(True)
     opt = torch.optim.SGD([control], lr=lr, momentum=momentum, weight_decay=weight_decay)
-    losses: list[float] = []
-    start = 0
-    schedule = {"epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr)}
     gen = torch.Generator().manual_seed(int(seed))
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, map_location=w_a.device, weights_only=False)
-        ends = torch.stack([w_a, w_b]).to(state["ends"].dtype)
-        if state["ends"].shape != ends.shape or not torch.allclose(state["ends"], ends):
-            raise ValueError(f"checkpoint {checkpoint} belongs to other endpoints")
-        if state["schedule"] != schedule:
-            raise ValueError(
-                f"checkpoint {checkpoint} was written with {state['schedule']}, this call asks "
-                f"for {schedule}; the learning-rate schedule would differ"
-            )
-        with torch.no_grad():
-            control.copy_(state["control"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        losses, start = list(state["losses"]), int(state["epoch"])
+    settings = {
+        "schedule": {"epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr)},
+        "optimizer": {"momentum": float(momentum), "weight_decay": float(weight_decay)},
+        "seed": int(seed),
+    }
+    # Settings are checked after the endpoints: a curve between other networks is the
+    # first thing to say about a checkpoint.
+    saved = resume_checkpoint(checkpoint, None, map_location=w_a.device)
+    losses = [] if saved is None else _restore(saved, settings, w_a, w_b, control, opt, gen)
+    start = len(losses)
 
     n = len(x)
     steps_per_epoch = (n + int(batch_size) - 1) // int(batch_size)
@@ -184,23 +165,30 @@ def fit_bezier(
                 loss_sum += float(loss.detach()) * len(idx)
             losses.append(loss_sum / n)
             if checkpoint is not None:
-                _save_checkpoint(
-                    checkpoint, w_a, w_b, control, opt, gen, losses, epoch + 1, schedule
-                )
+                state = {
+                    "ends": torch.stack([w_a, w_b]),
+                    "control": control.detach(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "losses": losses,
+                }
+                save_checkpoint(checkpoint, state, settings=settings, step=epoch + 1)
     return QuadraticBezier(w_a, control.detach().clone(), w_b, losses)
 
 
-def _save_checkpoint(file, w_a, w_b, control, opt, gen, losses, epoch, schedule) -> None:
-    Path(file).parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "ends": torch.stack([w_a, w_b]),
-        "control": control.detach(),
-        "optimizer": opt.state_dict(),
-        "generator": gen.get_state(),
-        "losses": losses,
-        "epoch": epoch,
-        "schedule": schedule,
-    }
-    tmp = Path(file).with_suffix(Path(file).suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(file)  # atomic: an interrupted save never leaves a broken checkpoint
+def _restore(saved: Checkpoint, settings: dict, w_a, w_b, control, opt, gen) -> list[float]:
+    """Load a checkpoint of :func:`fit_bezier` into ``control``, ``opt`` and ``gen``;
+    its per-epoch losses. It must belong to the endpoints ``w_a``, ``w_b`` and ``settings``."""
+    state = saved.state
+    ends = torch.stack([w_a, w_b]).to(state["ends"].dtype)
+    if state["ends"].shape != ends.shape or not torch.allclose(state["ends"], ends):
+        raise SettingsMismatchError(
+            saved.path, "endpoints", state["ends"], ends,
+            reason="it belongs to other endpoints (a curve between other networks)",
+        )  # fmt: skip
+    saved.check_settings(settings)
+    with torch.no_grad():
+        control.copy_(state["control"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    return list(state["losses"])

@@ -42,7 +42,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from manifolds import FlatModule, PullbackMetric, as_batches
 
-from ..records import json_record
+from ..labelled import labelled_pair
+from ..records import JsonRecord
 
 __all__ = [
     "ConnectivityReport",
@@ -144,7 +145,7 @@ def _recompute_batchnorm(
 
 # ---------------------------------------------------------------------- results
 @dataclass
-class PathEvaluation:
+class PathEvaluation(JsonRecord):
     r"""Loss and accuracy at each point of a path, and the path's lengths.
 
     Attributes
@@ -214,18 +215,12 @@ class PathEvaluation:
         }
 
     def to_dict(self) -> dict:
-        """Everything as JSON-ready Python values."""
-        return {
-            "name": self.name,
-            "t": self.t.tolist(),
-            "loss": self.loss.tolist(),
-            "accuracy": self.accuracy.tolist(),
-            **self.summary(),
-        }
+        """The fields as JSON values, then :meth:`summary` (not read back)."""
+        return {**super().to_dict(), **self.summary()}
 
 
 @dataclass
-class ConnectivityReport:
+class ConnectivityReport(JsonRecord):
     """Several paths between the same two networks, evaluated on the same data.
 
     Attributes
@@ -233,7 +228,12 @@ class ConnectivityReport:
     paths : dict of str to PathEvaluation
     metadata : dict
         Free-form, JSON-serialisable context (data sizes, metric, timings).
+
+    The JSON record (:meth:`to_json`) is tagged ``"application": "connectivity"``; each
+    path's entry also holds its :meth:`PathEvaluation.summary`.
     """
+
+    application = "connectivity"
 
     paths: dict[str, PathEvaluation]
     metadata: dict = field(default_factory=dict)
@@ -244,16 +244,6 @@ class ConnectivityReport:
     def summary(self) -> dict[str, dict]:
         """``{path name: PathEvaluation.summary()}``."""
         return {name: ev.summary() for name, ev in self.paths.items()}
-
-    def to_dict(self) -> dict:
-        return {
-            "metadata": self.metadata,
-            "paths": {name: ev.to_dict() for name, ev in self.paths.items()},
-        }
-
-    def to_json(self, file: str | Path | None = None, *, indent: int = 2) -> str:
-        """The report as JSON text; also written to ``file`` when given."""
-        return json_record(self.to_dict(), file, indent=indent)
 
     def table(self) -> str:
         """A plain-text table, one row per path."""
@@ -285,23 +275,6 @@ class ConnectivityReport:
 
 
 # ---------------------------------------------------------------------- evaluation
-def _labelled(data: object) -> tuple[torch.Tensor, torch.Tensor]:
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(d, torch.Tensor) for d in data)
-    ):
-        x, y = data
-    else:
-        raise TypeError("data must be an (inputs, integer labels) pair of tensors")
-    if y.is_floating_point() or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"labels must be a 1-D integer tensor with one label per input; got inputs "
-            f"{tuple(x.shape)} and labels {tuple(y.shape)} ({y.dtype})"
-        )
-    return x, y
-
-
 def _embedded(metric: PullbackMetric, w: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return metric.embed(w)
@@ -391,7 +364,7 @@ def evaluate_path(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     flat = FlatModule(model)
     t, points = as_path(path, flat.dim)
-    x, y = _labelled(data)
+    x, y = labelled_pair(data, integer_inputs=True)
     x = x.to(points.device, points.dtype) if x.is_floating_point() else x.to(points.device)
     y = y.to(points.device)
     with _restored_batchnorm(model) as layers:

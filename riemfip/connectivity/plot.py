@@ -1,14 +1,14 @@
 """PNG of a :class:`~riemfip.connectivity.ConnectivityReport`: loss and accuracy against t.
 
 matplotlib (``pip install "riemfip[plot]"``) is imported only when a plot is drawn, through
-:func:`riemfip.plotting.pyplot` (Agg backend), so nothing else needs it or a display.
+:func:`riemfip.plotting.png_figure` (Agg backend), so nothing else needs it or a display.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..plotting import pyplot
+from ..plotting import png_figure
 
 __all__ = ["plot_report"]
 
@@ -27,31 +27,21 @@ def plot_report(report, file: str | Path, *, title: str | None = None) -> Path:
     (geodesics) take blue, purple, cyan, ... in order. The dashed grey line in the accuracy panel is the lower
     endpoint accuracy of the first path, to read drops against.
     """
-    plt = pyplot()
-
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     others = iter(_OTHERS * len(report.paths))
-    for name, ev in report.paths.items():
-        s = ev.summary()
-        label = f"{name} (barrier {s['barrier']:.3f}, max err {100 * s['max_error']:.1f}%)"
-        style = _STYLES.get(name) or dict(color=next(others), marker="o")
-        ax_loss.plot(ev.s.numpy(), ev.loss.numpy(), label=label, markersize=3, **style)
-        ax_acc.plot(ev.s.numpy(), 100 * ev.accuracy.numpy(), label=name, markersize=3, **style)
-    first = next(iter(report.paths.values()))
-    ax_acc.axhline(
-        100 * float(min(first.accuracy[0], first.accuracy[-1])), color="0.6", ls="--", lw=1
-    )
-    ax_loss.set(xlabel="t", ylabel="cross-entropy", title="loss along the path")
-    ax_acc.set(xlabel="t", ylabel="accuracy (%)", title="accuracy along the path")
-    ax_loss.legend(fontsize=8)
-    ax_acc.legend(fontsize=8)
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(file, dpi=120)
-    plt.close(fig)
-    return file
+    with png_figure(file, ncols=2, figsize=(10, 4), title=title) as (_, (ax_loss, ax_acc)):
+        for name, ev in report.paths.items():
+            s = ev.summary()
+            label = f"{name} (barrier {s['barrier']:.3f}, max err {100 * s['max_error']:.1f}%)"
+            style = _STYLES.get(name) or dict(color=next(others), marker="o")
+            ax_loss.plot(ev.s.numpy(), ev.loss.numpy(), label=label, markersize=3, **style)
+            ax_acc.plot(ev.s.numpy(), 100 * ev.accuracy.numpy(), label=name, markersize=3, **style)
+        first = next(iter(report.paths.values()))
+        ax_acc.axhline(
+            100 * float(min(first.accuracy[0], first.accuracy[-1])), color="0.6", ls="--", lw=1
+        )
+        ax_loss.set(xlabel="t", ylabel="cross-entropy", title="loss along the path")
+        ax_acc.set(xlabel="t", ylabel="accuracy (%)", title="accuracy along the path")
+        for ax in (ax_loss, ax_acc):
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+    return Path(file)

@@ -15,6 +15,7 @@ from riemfip.applications.robust_ensemble import (
     fip_ensemble,
     independent_ensemble,
 )
+from riemfip.checkpoint import SettingsMismatchError, load_checkpoint
 from riemfip.data import Dataset
 
 
@@ -71,17 +72,25 @@ def test_adversarially_trained_members_resist_pgd(mnist_small):
         independent_ensemble(lambda: mlp([784, 8, 10]), x, y, size=1, steps=1, adversarial=0.1)
 
 
-def test_compare_ensembles_end_to_end_record(mnist_small, tmp_path):
-    x, y, xt, yt = mnist_small
-    data = Dataset(x, y, xt[::2], yt[::2], 10, "mnist-small")
-    result = compare_ensembles(
-        lambda: mlp([784, 16, 10]),
-        data,
+def _compare(data, **kwargs):
+    """``compare_ensembles`` of 784-16-10 MLPs, 2 members, 20 training steps, 3 path steps
+    between members, 32 anchors, clean accuracy only; ``kwargs`` override."""
+    small = dict(
         size=2,
         train_steps=20,
         steps_per_member=3,
-        attacks=default_attacks([0.1], pgd_steps=3),
+        attacks=[AttackConfig.clean()],
         fip_settings={"anchor_size": 32, "attack_steps": 2},
+    )
+    return compare_ensembles(lambda: mlp([784, 16, 10]), data, **{**small, **kwargs})
+
+
+def test_compare_ensembles_end_to_end_record(mnist_small, tmp_path):
+    x, y, xt, yt = mnist_small
+    data = Dataset(x, y, xt[::2], yt[::2], 10, "mnist-small")
+    result = _compare(
+        data,
+        attacks=default_attacks([0.1], pgd_steps=3),
         checkpoint_dir=tmp_path / "ckpt",
         adversarial_training=AttackConfig.pgd(0.1, steps=2),
     )
@@ -113,16 +122,7 @@ def test_compare_ensembles_end_to_end_record(mnist_small, tmp_path):
     back = RobustnessResult.from_json(tmp_path / "r.json")
     assert back.accuracy("fip", "pgd", 0.1) == result.accuracy("fip", "pgd", 0.1)
     # The checkpointed members are reused: same networks, same numbers.
-    again = compare_ensembles(
-        lambda: mlp([784, 16, 10]),
-        data,
-        size=2,
-        train_steps=20,
-        steps_per_member=3,
-        attacks=[AttackConfig.clean()],
-        fip_settings={"anchor_size": 32, "attack_steps": 2},
-        checkpoint_dir=tmp_path / "ckpt",
-    )
+    again = _compare(data, checkpoint_dir=tmp_path / "ckpt")
     assert again.accuracy("fip", "clean") == result.accuracy("fip", "clean")
     assert again.diagnostics["fip_path"] == result.diagnostics["fip_path"]
 
@@ -137,21 +137,35 @@ def test_bad_inputs_raise_clear_errors(trained_mlp, mnist_small):
         fip_ensemble(lambda z: z, x, y, size=2, steps_per_member=1)
     data = Dataset(x, y, xt, yt, 10, "mnist-small")
     with pytest.raises(ValueError, match="fip_settings"):
-        compare_ensembles(
-            lambda: mlp([784, 8, 10]),
-            data,
-            size=2,
-            train_steps=1,
-            steps_per_member=1,
-            attacks=default_attacks([0.1]),
-            fip_settings={"learning_rate": 1.0},
-        )
+        _compare(data, fip_settings={"learning_rate": 1.0})
     with pytest.raises(TypeError, match="Dataset"):
-        compare_ensembles(
-            lambda: mlp([784, 8, 10]),
-            (x, y),
-            size=2,
-            train_steps=1,
-            steps_per_member=1,
-            attacks=default_attacks([0.1]),
-        )
+        _compare((x, y))
+
+
+def test_an_interrupted_comparison_resumes_to_the_uninterrupted_result(
+    mnist_small, tmp_path, monkeypatch
+):
+    from riemfip.applications import robust_ensemble
+
+    x, y, xt, yt = mnist_small
+    data = Dataset(x[:300], y[:300], xt[:100], yt[:100], 10, "mnist-tiny")
+    attacks = [AttackConfig.clean(), AttackConfig.fgsm(0.1)]
+    full = _compare(data, attacks=attacks)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # The job dies while it builds the FIP path: the independent members are saved by then.
+    monkeypatch.setattr(robust_ensemble, "diversification_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _compare(data, attacks=attacks, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "independent.pt").step == 2
+    assert not (tmp_path / "fip.pt").exists()
+    resumed = _compare(data, attacks=attacks, checkpoint_dir=tmp_path)
+    assert resumed.rows == full.rows
+    for key in ("member_clean_accuracy", "fip_path"):
+        assert resumed.diagnostics[key] == full.diagnostics[key]
+    # A rerun with another training budget is refused, and says which setting differs.
+    with pytest.raises(SettingsMismatchError, match="its steps is 20, this call's is 21"):
+        _compare(data, attacks=attacks, checkpoint_dir=tmp_path, train_steps=21)
