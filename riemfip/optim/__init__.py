@@ -8,7 +8,7 @@ penalty formulation. Both share the anchor (:mod:`.anchor`), the policy objects
 """
 
 from .anchor import Anchor, AnchorDrift
-from .anchor_transforms import GaussianNoise, NeighbourNoise, RandomShift
+from .anchor_transforms import GaussianNoise, NeighbourNoise, RandomShift, ScaledNoise
 from .anchored import PathOptimizer, PathStepInfo
 from .fip import FIP
 from .modes import MODES, path_optimizer
@@ -29,5 +29,6 @@ __all__ = [
     "PathStepInfo",
     "PullBack",
     "RandomShift",
+    "ScaledNoise",
     "path_optimizer",
 ]

@@ -5,6 +5,8 @@ still move. A transform ``(x, generator) -> x'`` of the same shape, applied afre
 every step and scored by the frozen network, makes the path keep the outputs on a
 neighbourhood of each anchor instead. None needs labels.
 
+:class:`ScaledNoise`
+    Isotropic noise in units of the inputs' own spread: any input type, any scale.
 :class:`GaussianNoise`
     Isotropic noise, in input units: any input type.
 :class:`NeighbourNoise`
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GaussianNoise", "NeighbourNoise", "RandomShift"]
+__all__ = ["GaussianNoise", "NeighbourNoise", "RandomShift", "ScaledNoise"]
 
 
 class GaussianNoise:
@@ -43,6 +45,34 @@ class GaussianNoise:
 
     def __repr__(self) -> str:
         return f"GaussianNoise(std={self.std})"
+
+
+class ScaledNoise:
+    r"""Anchor transform :math:`x \mapsto x + s\,\sigma\,\xi`, :math:`\xi \sim \mathcal N(0, I)`,
+    :math:`\sigma` the root-mean-square deviation of the batch's entries from their mean.
+
+    Isotropic noise like :class:`GaussianNoise`, but in units of the data's own spread,
+    so one ``scale`` suits pixels in [0, 1], pixels in [0, 16], standardised tabular
+    features or embeddings alike. Assumes nothing about the inputs' structure.
+
+    Parameters
+    ----------
+    scale : float
+        :math:`s \ge 0`.
+    """
+
+    def __init__(self, scale: float):
+        scale = float(scale)
+        if not scale >= 0:
+            raise ValueError(f"scale must be >= 0, got {scale}")
+        self.scale = scale
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        sigma = float((x - x.mean()).pow(2).mean().sqrt())
+        return GaussianNoise(self.scale * sigma)(x, generator)
+
+    def __repr__(self) -> str:
+        return f"ScaledNoise(scale={self.scale})"
 
 
 class NeighbourNoise:

@@ -232,7 +232,12 @@ class FIP(PathOptimizer):
         cnorm = float(correction.norm())
         if cnorm > cap > 0:
             correction = correction * (cap / cnorm)
-        if self.pullback.all_anchors and self.sampling.batch is not None:
+        pullback = self.pullback
+        if (
+            pullback.all_anchors
+            and self.sampling.batch is not None
+            and state["step"] % pullback.every == 0
+        ):
             # after this step's move, pull back on all fit anchors (not added to the batch's
             # pull-back at w: both would undo the same drift)
             moved = w + secondary + correction
