@@ -97,19 +97,24 @@ class PullBack:
         frozen outputs of the step's anchors, :math:`-\gamma\, g^{-1} J^\top (F(w) - F(w_0))`,
         taken each step (0: none).
     all_anchors : bool
-        With an anchor ``batch``: after each step also pull the outputs on *all* fit
+        With an anchor ``batch``: after a step also pull the outputs on *all* fit
         anchors back, by a Gauss–Newton Cauchy step (steepest descent on
         :math:`\tfrac12\|F(w) - F(w_0)\|^2` with exact line search in the linear model:
         one forward and backward pass and one forward-mode pass over the fit anchors),
         scaled by :math:`\gamma`. No effect without a batch.
+    every : int
+        Take that all-anchor pull-back every this many steps (it costs about three passes
+        over all fit anchors).
     """
 
     strength: float = 1.0
     all_anchors: bool = True
+    every: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "strength", check_number("strength", self.strength, low=0, high=1))
         object.__setattr__(self, "all_anchors", bool(self.all_anchors))
+        object.__setattr__(self, "every", int(check_number("every", self.every, low=1)))
 
 
 @dataclass(frozen=True)
