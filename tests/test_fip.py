@@ -638,3 +638,37 @@ def test_fip_on_a_flat_manifold_parameter_equals_fip_on_the_module(task):
         opt_p.step()
         torch.testing.assert_close(p.detach(), flat(net), rtol=1e-10, atol=1e-12)
         assert opt_p.last_info[0].drift == opt.last_info[0].drift
+
+
+def test_batchnorm_statistics_are_the_old_tasks_and_the_metric_is_taken_in_eval_mode(task):
+    """Policy: the frozen outputs and the metric use eval mode (running statistics, no
+    Dropout), whatever mode the model is in; train-mode forward passes on the new task
+    update BatchNorm's running statistics, and FIP restores the old task's after each step."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, CLASSES)
+    ).double()
+    x_old = task["anchors"]
+    net.train()
+    for _ in range(5):  # running statistics of the old task
+        net(x_old)
+    bn = net[1]
+    old_stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    opt = FIP(net.parameters(), model=net, anchor_inputs=x_old, lr=0.1)
+    assert net.training  # FIP left the model's mode alone
+    with torch.no_grad():
+        expected = net.eval()(opt.anchor.fit_inputs)
+    net.train()
+    assert torch.equal(opt.anchor.fit_outputs, expected)  # frozen in eval mode
+    metric = opt.manifold().metric
+    torch.testing.assert_close(metric.fn(flat(net)), expected)  # deterministic despite Dropout
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(task["xb"]), task["yb"]).backward()  # train mode
+        assert not torch.equal(bn.running_mean, old_stats[0])  # the new task moved them...
+        opt.step()
+        for now, before in zip(
+            (bn.running_mean, bn.running_var, bn.num_batches_tracked), old_stats, strict=True
+        ):
+            assert torch.equal(now, before)  # ...and FIP put the old task's back
+    assert opt.last_info[0].drift.agreement > 0.9
