@@ -28,6 +28,8 @@ from riemfip.optim import (
 from riemfip.optim.anchor import holdout_mask
 
 DIM, CLASSES = 6, 4
+#: The exact per-step FIP: every fit anchor, as a point, at every step.
+EXACT = AnchorSampling(batch=None, transform=None)
 
 
 def blobs(n_per_class: int, classes, seed: int):
@@ -260,7 +262,7 @@ def test_anchor_batches_visit_every_fit_anchor_once_per_pass(task):
         net.parameters(),
         model=net,
         anchor_inputs=task["anchors"],
-        anchors=AnchorSampling(batch=12),
+        anchors=AnchorSampling(batch=12, transform=None),
     )
     fit_x, fit_y = opt.anchor.fit_inputs, opt.anchor.fit_outputs
     assert len(fit_x) == 48
@@ -313,8 +315,8 @@ def test_correct_all_pulls_every_fit_anchor_back(task):
             net.parameters(),
             model=net,
             anchor_inputs=task["anchors"],
-            anchors=AnchorSampling(batch=12),
-            pullback=PullBack(all_anchors=correct_all),
+            anchors=AnchorSampling(batch=12, transform=None),
+            pullback=PullBack(all_anchors=correct_all, every=1),
         )
         with torch.no_grad():
             for p in net.parameters():
@@ -400,6 +402,7 @@ def test_drift_budget_is_respected(task):
         model=net,
         anchor_inputs=task["anchors"],
         lr=0.5,
+        anchors=EXACT,
         guard=DriftGuard(budget=budget),
     )
     shrunk = 0
@@ -414,7 +417,7 @@ def test_drift_budget_is_respected(task):
     assert shrunk > 0  # the budget was binding, so this test can fail
 
     free = copy.deepcopy(task["net"])
-    opt = FIP(free.parameters(), model=free, anchor_inputs=task["anchors"], lr=0.5)
+    opt = FIP(free.parameters(), model=free, anchor_inputs=task["anchors"], lr=0.5, anchors=EXACT)
     for _ in range(25):
         opt.zero_grad()
         new_task_backward(free, task)

@@ -53,7 +53,8 @@ class ScaledNoise:
 
     Isotropic noise like :class:`GaussianNoise`, but in units of the data's own spread,
     so one ``scale`` suits pixels in [0, 1], pixels in [0, 16], standardised tabular
-    features or embeddings alike. Assumes nothing about the inputs' structure.
+    features or embeddings alike. Assumes nothing about the inputs' structure; inputs
+    that are not floating point (token ids) are returned unchanged.
 
     Parameters
     ----------
@@ -68,6 +69,8 @@ class ScaledNoise:
         self.scale = scale
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not x.is_floating_point():  # token ids, class indices: no neighbourhood to take
+            return x
         sigma = float((x - x.mean()).pow(2).mean().sqrt())
         return GaussianNoise(self.scale * sigma)(x, generator)
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .anchor_transforms import ScaledNoise
 
 __all__ = ["AnchorSampling", "DriftGuard", "PullBack", "check_number"]
 
@@ -50,16 +52,20 @@ class AnchorSampling:
 
     Attributes
     ----------
-    batch : int, optional
-        Fit anchors per step (``None``: all). The fit anchors are visited in rotating
-        random order, ``batch`` at a time, so each step solves a system of ``batch``
-        :math:`\\times C` outputs instead of the whole anchor's, and every anchor is
-        visited once per pass.
-    transform : callable, optional
+    batch : int or None
+        Fit anchors per step (default 32; ``None``: all). The fit anchors are visited in
+        rotating random order, ``batch`` at a time, so each step solves a system of
+        ``batch`` :math:`\\times C` outputs instead of the whole anchor's, and every anchor
+        is visited once per pass; the pull-back on all anchors (:class:`PullBack`) catches
+        what a batch misses. A stochastic constraint costs a fraction of the full one and,
+        on the benchmarks, keeps the old task better (``benchmarks/README.md``).
+    transform : callable or None
         ``(x, generator) -> x'`` of the same shape (see
         :mod:`riemfip.optim.anchor_transforms`): each step protects a fresh transform
         of its anchors, scored by the frozen network, i.e. a neighbourhood of each
-        anchor rather than the point. Drift is still measured on the untransformed
+        anchor rather than the point. Default :class:`~riemfip.optim.ScaledNoise` (0.33 of
+        the inputs' own spread; it leaves integer inputs such as token ids alone);
+        ``None`` protects the points only. Drift is always measured on the untransformed
         held-out anchors.
     holdout_fraction : float
         Share of the anchor inputs held out to measure drift (when no ``holdout_inputs``
@@ -69,8 +75,10 @@ class AnchorSampling:
         optimizer's ``state_dict``).
     """
 
-    batch: int | None = None
-    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    batch: int | None = 32
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = field(
+        default_factory=lambda: ScaledNoise(0.33)
+    )
     holdout_fraction: float = 0.2
     seed: int = 0
 
@@ -103,13 +111,13 @@ class PullBack:
         one forward and backward pass and one forward-mode pass over the fit anchors),
         scaled by :math:`\gamma`. No effect without a batch.
     every : int
-        Take that all-anchor pull-back every this many steps (it costs about three passes
-        over all fit anchors).
+        Take that all-anchor pull-back every this many steps (default 10; it costs about
+        three passes over all fit anchors).
     """
 
     strength: float = 1.0
     all_anchors: bool = True
-    every: int = 1
+    every: int = 10
 
     def __post_init__(self):
         object.__setattr__(self, "strength", check_number("strength", self.strength, low=0, high=1))
