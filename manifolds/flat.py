@@ -84,15 +84,16 @@ class FlatModule:
         else:
             self.names = _parameter_names(module, named, params)
         by_name = dict(named)
+        self._params = [by_name[n] for n in self.names]
         self.shapes = [by_name[n].shape for n in self.names]
         self.numels = [by_name[n].numel() for n in self.names]
         self.dim = sum(self.numels)
         self.whole = len(self.names) == len(named)
 
     def parameters(self) -> list[nn.Parameter]:
-        """The module's parameters the flat vector holds, in flat order."""
-        by_name = dict(self.module.named_parameters())
-        return [by_name[n] for n in self.names]
+        """The module's parameters the flat vector holds, in flat order (as they were when
+        this wrapper was made)."""
+        return list(self._params)
 
     def flatten(self) -> torch.Tensor:
         """The module's current weights (those held) as one detached flat vector."""

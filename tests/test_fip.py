@@ -675,3 +675,30 @@ def test_batchnorm_statistics_are_the_old_tasks_and_the_metric_is_taken_in_eval_
         ):
             assert torch.equal(now, before)  # ...and FIP put the old task's back
     assert opt.last_info[0].drift.agreement > 0.9
+
+
+def test_protected_share_is_the_soft_projection_of_the_step(task):
+    """The reported share equals |P_lambda d| / |d| with P_lambda = J^T (K + lambda)^{-1} J
+    built densely at the step's weights (exact route, no pull-back)."""
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        anchors=EXACT,
+        pullback=PullBack(strength=0.0),
+    )
+    w = flat(net)
+    new_task_backward(net, task)
+    grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    opt.step()
+    metric = opt.manifold().metric
+    jac = metric.jacobian(w)
+    lam = opt.damping_of()
+    proj = jac.T @ torch.linalg.solve(
+        jac @ jac.T + lam * torch.eye(jac.shape[0], dtype=w.dtype), jac
+    )
+    d = grad - proj @ grad
+    expected = float((proj @ d).norm() / d.norm())
+    assert opt.last_info[0].protected_share == pytest.approx(expected, rel=1e-6)
+    assert 0 < expected < 1

@@ -248,7 +248,7 @@ class FIP(PathOptimizer):
             correction,
             {
                 "kept_fraction": float(direction.norm()) / grad_norm if grad_norm > 0 else 0.0,
-                "protected_share": _protected_share(gram, secondary),
+                "protected_share": _protected_share(gram, z[0], direction),
                 "fit_residual": float(residual.norm()),
             },
         )
@@ -269,10 +269,18 @@ class FIP(PathOptimizer):
         return g[0] * (float(g.pow(2).sum()) / denom) if denom > 0 else torch.zeros_like(w)
 
 
-def _protected_share(gram: OutputGram, s: torch.Tensor) -> float:
-    r""":math:`\|P_\lambda s\| / \|s\|`, :math:`P_\lambda = J^\top (K + \lambda I)^{-1} J`."""
-    snorm = float(s.norm())
-    if snorm == 0.0:
+def _protected_share(gram: OutputGram, z: torch.Tensor, direction: torch.Tensor) -> float:
+    r""":math:`\|P_\lambda d\| / \|d\|` for the natural direction :math:`d = (I - P_\lambda)\nabla L`,
+    :math:`P_\lambda = J^\top (K + \lambda I)^{-1} J`, from :math:`z = (K + \lambda I)^{-1} J\nabla L`.
+
+    :math:`P_\lambda d = P_\lambda\nabla L - P_\lambda^2\nabla L = \lambda J^\top y` with
+    :math:`y = (K + \lambda I)^{-1} z` (because :math:`K z = J\nabla L - \lambda z`), and
+    :math:`\|J^\top y\|^2 = y^\top K y = y^\top (z - \lambda y)`: one more output-space solve,
+    no pass through the network.
+    """
+    dnorm = float(direction.norm())
+    if dnorm == 0.0:
         return 0.0
-    jac = gram.jacobian
-    return float(jac.vjp(gram.solve(jac.jvp(s[None])))[0].norm()) / snorm
+    lam = gram.damping
+    y = gram.solve(z)
+    return lam * float(torch.dot(y, z - lam * y).clamp_min(0).sqrt()) / dnorm
