@@ -23,8 +23,8 @@ The metric is the Fisher pullback of the outputs on ``--anchors`` training
 images with damping ``--damping`` (:meth:`manifolds.PullbackMetric.from_module`,
 which evaluates in eval mode). The script times one metric-vector product and
 one geodesic acceleration against one forward+backward pass of the
-cross-entropy loss on the anchor batch, runs :func:`riemfip.geodesic.relax`
-(``--points`` points) and then :func:`riemfip.geodesic.shoot` started from the
+cross-entropy loss on the anchor batch, runs :func:`manifolds.geodesic.relax`
+(``--points`` points) and then :func:`manifolds.geodesic.shoot` started from the
 relaxed path (finite-difference Newton–Krylov, accelerations by the metric's
 own solver), and records wall time, iterations, residuals and lengths. Trained
 weights are cached in ``--cache``; the shooting velocity is checkpointed after
@@ -59,8 +59,8 @@ import torch
 from torch import nn
 
 from manifolds import FlatModule, PullbackMetric
+from manifolds.geodesic import relax, shoot
 from riemfip.data import mnist_subset
-from riemfip.geodesic import relax, shoot
 
 HERE = Path(__file__).resolve().parent
 
@@ -507,7 +507,7 @@ def main(argv=None) -> int:
             r["iterations"] for r in earlier_shoots
         )
         report["shoot"]["energy"] = path.energy
-        report["shoot"]["max_solve_residual"] = path.metadata["max_solve_residual"]
+        report["shoot"]["max_solve_residual"] = path.max_solve_residual
         report["shoot"]["endpoint_test_accuracy"] = acc(path.points[-1])
     print("shoot", report["shoot"], flush=True)
     args.out.write_text(json.dumps(report, indent=1))

@@ -29,7 +29,9 @@ flow (adaptive ``integrate_geodesic``)
     :math:`\|e / (\text{atol} + \text{rtol}\max(|y|, |y'|))\|_{\rm rms} \le 1` with
     ``rtol = atol = tol`` (default :math:`10^{-8}` in float64, :math:`10^{-4}` otherwise);
     ``residual`` is the largest :math:`\|e/(1 + |y|)\|_{\rm rms}` of an accepted step, so
-    ``residual <= tol``. Fixed steps have no estimate (``residual`` NaN).
+    ``residual <= tol``; and the speed :math:`\|v\|_g` at :math:`t_1` is within
+    :math:`\sqrt{\text{tol}}` of its value at 0, relatively (else ``INACCURATE``). Fixed
+    steps have no estimate (``residual`` NaN).
 shooting and collocation: the endpoint rule
     Converged when one fixed-step RK4 flow from the answer's :math:`v_0` ends within ``tol``
     of :math:`w_1`: :math:`\|\exp_{w_0}(v_0) - w_1\| \le \text{tol}` (Euclidean), with

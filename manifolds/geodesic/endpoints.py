@@ -20,7 +20,7 @@ import torch
 
 from ..pullback import PullbackMetric
 from ..status import Status
-from .flow import integrate_geodesic
+from .flow import integrate_geodesic, speed_drift
 from .path import GeodesicPath
 
 __all__ = ["check_endpoints", "default_tol", "endpoint_flow", "norm"]
@@ -86,4 +86,7 @@ def endpoint_flow(
     path.status = Status.CONVERGED if ok else Status.INACCURATE
     path.message = "converged" if ok else f"exp(v0) misses w1 by {residual:.2e} > tol {tol:.1e}"
     path.metadata["relative_residual"] = residual / max(norm(w1 - w0), 1e-300)
+    with torch.no_grad():
+        speed_end = float(metric.norm(path.end, path.velocities[-1]))
+    path.metadata["speed_drift_end"] = speed_drift(path.length, speed_end)
     return path

@@ -21,9 +21,12 @@ fixed (``steps``)
     function of :math:`v_0` (an adaptive mesh changes with :math:`v_0`).
 
 The result is a :class:`~manifolds.geodesic.path.GeodesicPath` (``method="flow"``) with
-an integer status. A flow that produces NaN or Inf, whose step size underflows, or that
-runs out of steps returns ``status != CONVERGED`` with its message and a NaN row at
-:math:`t_1` (never a finite point that is not :math:`\exp_{w_0}(t_1 v_0)`).
+an integer status. A flow that produces NaN or Inf (``NON_FINITE``), whose step size
+underflows (``BREAKDOWN``) or that runs out of steps (``MAX_ITERATIONS``) says so, and so
+does an adaptive flow whose speed :math:`\|v\|_g`, an exact invariant of the geodesic flow,
+changes from :math:`t = 0` to :math:`t_1` by more than :math:`\sqrt{\text{tol}}` relatively
+(``INACCURATE``: every step met the error test, the answer does not). A failed flow ends in
+a NaN row at :math:`t_1`, never a finite point that is not :math:`\exp_{w_0}(t_1 v_0)`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ from ..status import Status
 from .path import GeodesicPath
 from .runge_kutta import AdaptiveRungeKutta, fixed_step_flow, tableau
 
-__all__ = ["MetricAcceleration", "default_flow_tol", "expmap_approximation", "integrate_geodesic"]
+__all__ = [
+    "MetricAcceleration",
+    "default_flow_tol",
+    "expmap_approximation",
+    "integrate_geodesic",
+    "speed_drift",
+]
 
 
 def default_flow_tol(dtype: torch.dtype) -> float:
@@ -236,7 +245,7 @@ def _adaptive_flow(stepper: AdaptiveRungeKutta, record: bool) -> _FlowRun:
 def _flow_path(metric, accel: MetricAcceleration, run: _FlowRun, t1: float, speeds: bool):
     """The :class:`GeodesicPath` of a run, after the speed check; a failed one ends in NaN."""
     s0 = float(_speed(metric, run.ws[0], run.vs[0]))
-    if run.status == Status.CONVERGED:
+    if run.status == Status.CONVERGED and math.isfinite(run.tol):  # adaptive: check the speed
         _check_speed(run, s0, float(_speed(metric, run.ws[-1], run.vs[-1])))
     if run.status != Status.CONVERGED:
         nan = torch.full_like(run.ws[0], math.nan)
@@ -272,14 +281,19 @@ def _speed(metric, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.full((), math.nan, dtype=w.dtype, device=w.device)
 
 
+def speed_drift(s0: float, s1: float) -> float:
+    r""":math:`|s_1 - s_0| / s_0`, the relative change of the speed :math:`\|v\|_g` (an exact
+    invariant of the geodesic flow) between two states; :math:`|s_1|` when :math:`s_0 = 0`."""
+    return abs(s1 - s0) / s0 if s0 > 0 else abs(s1)
+
+
 def _check_speed(run: _FlowRun, s0: float, s1: float) -> None:
-    r"""The speed is an exact invariant of the geodesic flow: record its relative drift from
-    :math:`t = 0` to :math:`t_1`, and mark an adaptive flow whose drift exceeds
-    :math:`\sqrt{\text{tol}}` as ``INACCURATE`` (e.g. a flow trapped where a chart ends, whose
-    velocity collapses while every step meets the error test)."""
-    drift = abs(s1 - s0) / s0 if s0 > 0 else abs(s1)
+    r"""Record the speed drift of an adaptive flow from :math:`t = 0` to :math:`t_1` and mark
+    the flow ``INACCURATE`` when it exceeds :math:`\sqrt{\text{tol}}` (e.g. a flow trapped
+    where a chart ends, whose velocity collapses while every step meets the error test)."""
+    drift = speed_drift(s0, s1)
     run.metadata["speed_drift_end"] = drift
-    if math.isfinite(run.tol) and not drift <= math.sqrt(run.tol):
+    if not drift <= math.sqrt(run.tol):
         run.status = Status.INACCURATE
         run.message = (
             f"every step met the error test but the speed |v|_g, an exact invariant, drifted "
