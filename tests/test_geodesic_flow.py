@@ -242,3 +242,12 @@ def test_nothing_in_manifolds_imports_riemfip():
             else:
                 continue
             assert not any(n.split(".")[0] == "riemfip" for n in names), (file, names)
+
+
+def test_the_flows_old_path_type_name_still_resolves():
+    import manifolds
+
+    with pytest.warns(DeprecationWarning, match="GeodesicPath"):
+        assert manifolds.GeodesicTrajectory is GeodesicPath
+    with pytest.raises(AttributeError):
+        manifolds.NoSuchThing  # noqa: B018
