@@ -67,7 +67,7 @@ class WeightSpace(geoopt.Manifold):
     expmap_tol : float, optional
         Tolerance of the adaptive flow of :meth:`expmap` and :meth:`geodesic` (``rtol =
         atol``; see :func:`~manifolds.geodesic.integrate_geodesic`); default
-        :func:`~manifolds.geodesic.default_flow_tol` (1e-8 in float64, 1e-4 otherwise).
+        :func:`~manifolds.geodesic.default_flow_tol` (1e-8 in float64, 1e-6 in float32).
     expmap_steps : int, optional
         Fixed RK4 steps instead (4 acceleration solves each; not with ``expmap_tol``);
         the error falls as ``steps**-4``.

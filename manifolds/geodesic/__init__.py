@@ -27,7 +27,7 @@ Tolerance rules, one per family
 flow (adaptive ``integrate_geodesic``)
     Every accepted step's local error estimate :math:`e` over :math:`(w, v)` satisfies
     :math:`\|e / (\text{atol} + \text{rtol}\max(|y|, |y'|))\|_{\rm rms} \le 1` with
-    ``rtol = atol = tol`` (default :math:`10^{-8}` in float64, :math:`10^{-4}` otherwise);
+    ``rtol = atol = tol`` (default :math:`10^{-8}` in float64, :math:`10^{-6}` in float32);
     ``residual`` is the largest :math:`\|e/(1 + |y|)\|_{\rm rms}` of an accepted step, so
     ``residual <= tol``; and the speed :math:`\|v\|_g` at :math:`t_1` is within
     :math:`\sqrt{\text{tol}}` of its value at 0, relatively (else ``INACCURATE``). Fixed

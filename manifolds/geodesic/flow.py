@@ -49,10 +49,10 @@ __all__ = [
 
 
 def default_flow_tol(dtype: torch.dtype) -> float:
-    r"""Default tolerance of an adaptive flow: :math:`10^{-8}` in float64 (the sphere's great
-    circles to below :math:`10^{-6}`), :math:`10^{-4}` otherwise (above the noise of float32
-    CG accelerations)."""
-    return 1e-8 if dtype == torch.float64 else 1e-4
+    r"""Default tolerance of an adaptive flow: :math:`10^{-8}` in float64, :math:`10^{-6}` in
+    float32 (ten times its unit roundoff, so that rounding does not drive the error
+    estimate), ten machine epsilons in lower precisions."""
+    return {torch.float64: 1e-8, torch.float32: 1e-6}.get(dtype, 10 * torch.finfo(dtype).eps)
 
 
 class MetricAcceleration:
