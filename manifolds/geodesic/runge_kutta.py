@@ -420,9 +420,9 @@ class AdaptiveRungeKutta:
         if not self.non_finite:
             self._stop(
                 Status.BREAKDOWN,
-                f"step size underflow {where}: the error estimate does not fall as the step "
-                "shrinks (the flow blows up, or leaves the chart); shorten the velocity or raise "
-                "the damping",
+                f"step size underflow {where}: the error estimate asks for ever smaller steps "
+                f"(below {self.min_step:.1e}): the flow blows up, leaves the chart or is stiff; "
+                "shorten the velocity or raise the damping",
             )
         else:
             self._stop(
