@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from manifolds import FlatModule
+from manifolds import FlatModule, Status
 from riemfip.applications.classifiers import mlp, trained_classifier
 from riemfip.connectivity import (
     compare_paths,
@@ -99,7 +99,7 @@ def geodesic(a, b, anchor, args, cache: Path) -> GeodesicPath:
             f"|grad| {path.residual:.2e}, {time.perf_counter() - start:.0f} s",
             flush=True,
         )
-        if new.iterations == 0 or "no progress" in new.message:
+        if new.iterations == 0 or new.status == Status.BREAKDOWN:  # L-BFGS made no progress
             break
     return path
 

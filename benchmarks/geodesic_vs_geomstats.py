@@ -21,12 +21,15 @@ default (``--backend autograd`` for the other one that can differentiate; pytorc
 measured 10x faster at d = 16: exp 13.2 s against 130 s), its solvers the defaults
 of ``PullbackMetric``: ``ExpODESolver`` with 100 explicit Euler steps and
 ``LogShootingSolver`` (scipy L-BFGS-B on :math:`\|\exp(v) - w_1\|^2` with autodiff
-gradients). riemfip: ``WeightSpace.expmap`` (RK4) and ``riemfip.geodesic.shoot``
-(exact-Jacobian Newton) with the same RK4 steps, for each of ``--steps`` (default
-4, 8, 32: the geomstats error is matched or beaten by far at every one of them),
-float64, one thread. riemfip runs first, then geomstats, never both at once. Times
-are the best of ``--repeat`` runs after one warm-up call (riemfip) and of
-``--gs-repeat`` runs (geomstats, default 1: its d = 16 log takes minutes).
+gradients). riemfip: ``WeightSpace.expmap`` and ``manifolds.geodesic.shoot``
+(exact-Jacobian Newton), float64, one thread, in two settings: fixed RK4 steps,
+each of ``--steps`` (default 4, 8, 32: the geomstats error is matched or beaten by
+far at every one of them) for both exp and log (shooting on the same steps), and
+the adaptive Dormand–Prince flow at each of ``--tols`` (default 1e-6, 1e-8) for
+exp only (shooting always runs on fixed steps). riemfip runs first, then
+geomstats, never both at once. Times are the best of ``--repeat`` runs after one
+warm-up call (riemfip; ``--clock cpu`` for process CPU time instead of wall time)
+and of ``--gs-repeat`` runs (geomstats, default 1: its d = 16 log takes minutes).
 
 Usage::
 
@@ -205,13 +208,28 @@ def geomstats_side(args, spec_file: Path) -> tuple[list[dict], str]:
 
 
 # ----------------------------------------------------------------- riemfip side
-def riemfip_side(specs: list[dict], repeat: int, steps_list: list[int]) -> list[dict]:
+def riemfip_side(
+    specs: list[dict], repeat: int, steps_list: list[int], tols: list[float], clock: str
+) -> list[dict]:
+    """exp (and, on fixed steps, log) at each setting: ``{"setting": "rk4 8"}`` for 8 fixed RK4
+    steps, ``{"setting": "dopri5 1e-08"}`` for the adaptive flow at tol 1e-8."""
     import torch
 
     from manifolds import PullbackMetric, WeightSpace
-    from riemfip.geodesic import shoot
+    from manifolds.geodesic import shoot
 
     torch.set_num_threads(1)
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def best(fn, *args, **kwargs):
+        times = []
+        for _ in range(repeat):
+            t0 = now()
+            out = fn(*args, **kwargs)
+            times.append(now() - t0)
+        return min(times), out
+
+    settings = [("rk4", s) for s in steps_list] + [("dopri5", t) for t in tols]
     out = []
     for spec in specs:
         d = spec["d"]
@@ -223,35 +241,27 @@ def riemfip_side(specs: list[dict], repeat: int, steps_list: list[int]) -> list[
 
         metric = PullbackMetric(fn)
         w0, v, w1 = (torch.tensor(spec[k], dtype=torch.float64) for k in ("w0", "v", "w1"))
-        space = WeightSpace(metric, expmap_steps=steps_list[0])
-        space.expmap(w0, v)  # warm-up: first calls of torch.func transforms are slow
-        for steps in steps_list:
-            space = WeightSpace(metric, expmap_steps=steps)
-            res = {"d": d, "steps": steps}
-            times = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                e = space.expmap(w0, v)
-                times.append(time.perf_counter() - t0)
-            res["exp_seconds"] = min(times)
-            res["exp_error"] = float((e - w1).norm())
-            times = []
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                path = shoot(metric, w0, w1, steps=steps)
-                times.append(time.perf_counter() - t0)
-            res["log_seconds"] = min(times)
-            res["log_error"] = float((path.v0 - v).norm())
-            res["log_converged"] = path.converged
-            res["log_newton_iterations"] = path.iterations
-            res["log_residual"] = path.residual
+        WeightSpace(metric, expmap_steps=4).expmap(w0, v)  # warm-up: first torch.func calls
+        for scheme, value in settings:
+            fixed = scheme == "rk4"
+            space = WeightSpace(metric, **{"expmap_steps" if fixed else "expmap_tol": value})
+            res = {"d": d, "setting": f"{scheme} {value:g}", "steps": value if fixed else None}
+            res["exp_seconds"], e = best(space.geodesic, w0, v)
+            res["exp_error"] = float((e.end - w1).norm())
+            res["exp_accelerations"] = e.solves
+            if fixed:
+                res["log_seconds"], path = best(shoot, metric, w0, w1, steps=value)
+                res["log_error"] = float((path.v0 - v).norm())
+                res["log_converged"] = path.converged
+                res["log_newton_iterations"] = path.iterations
+                res["log_residual"] = path.residual
             out.append(res)
             print(json.dumps(res), flush=True)
     return out
 
 
 def plot(rows: list[dict], file: Path) -> None:
-    """Time and error of exp and log against d, riemfip (each RK4 step count) and geomstats."""
+    """Time and error of exp and log against d, riemfip (each setting) and geomstats."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,14 +269,15 @@ def plot(rows: list[dict], file: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for ax, op in zip(axes, ("exp", "log"), strict=True):
-        for steps in sorted({r["steps"] for r in rows}):
-            sel = [r for r in rows if r["steps"] == steps]
-            ax.loglog(
-                [r["d"] for r in sel],
-                [r["riemfip"][f"{op}_seconds"] for r in sel],
-                "o-",
-                label=f"riemfip RK4 {steps} steps",
-            )
+        for setting in dict.fromkeys(_setting(r) for r in rows):
+            sel = [r for r in rows if _setting(r) == setting and f"{op}_seconds" in r["riemfip"]]
+            if sel:
+                ax.loglog(
+                    [r["d"] for r in sel],
+                    [r["riemfip"][f"{op}_seconds"] for r in sel],
+                    "o-",
+                    label=f"riemfip {setting}",
+                )
         gs_rows = {r["d"]: r["geomstats"] for r in rows if r["geomstats"]}
         if gs_rows:
             ds = sorted(gs_rows)
@@ -295,10 +306,17 @@ def plot(rows: list[dict], file: Path) -> None:
     fig.savefig(file, dpi=110)
 
 
+def _setting(row: dict) -> str:
+    """The riemfip setting of a row (rows written before adaptive steps have only ``steps``)."""
+    return row.get("setting") or row["riemfip"].get("setting") or f"rk4 {row['steps']}"
+
+
 def _speedups(ours: dict, theirs: dict) -> dict:
     """geomstats time / riemfip time per op; a lower bound where geomstats timed out."""
     out = {}
     for op in ("exp", "log"):
+        if f"{op}_seconds" not in ours:
+            continue
         if theirs.get(f"{op}_seconds") is not None:
             out[f"{op}_speedup"] = theirs[f"{op}_seconds"] / ours[f"{op}_seconds"]
         elif theirs.get(f"{op}_timed_out_after"):
@@ -333,7 +351,13 @@ def main(argv=None) -> int:
         help="seconds allowed to each geomstats exp or log (a lower bound is recorded beyond)",
     )
     parser.add_argument(
-        "--steps", type=int, nargs="+", default=[4, 8, 32], help="riemfip RK4 steps"
+        "--steps", type=int, nargs="+", default=[4, 8, 32], help="riemfip fixed RK4 steps"
+    )
+    parser.add_argument(
+        "--tols", type=float, nargs="*", default=[1e-6, 1e-8], help="riemfip adaptive exp tols"
+    )
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall", help="riemfip timer (cpu: CPU time)"
     )
     parser.add_argument("--skip-geomstats", action="store_true")
     parser.add_argument(
@@ -357,7 +381,7 @@ def main(argv=None) -> int:
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text(json.dumps(specs))
     # one side at a time, so that neither is timed while the other loads the machine
-    ours = riemfip_side(specs, args.repeat, args.steps)
+    ours = riemfip_side(specs, args.repeat, args.steps, args.tols, args.clock)
     load = os.getloadavg()[0]
     theirs: list[dict] = []
     note = ""
@@ -374,28 +398,35 @@ def main(argv=None) -> int:
     rows = []
     for o in ours:
         t = next((x for x in theirs if x["d"] == o["d"]), None)
-        row = {"d": o["d"], "steps": o["steps"], "riemfip": o, "geomstats": t}
+        row = {"d": o["d"], "setting": o["setting"], "riemfip": o, "geomstats": t}
         row.update(_speedups(o, t) if t else {})
         rows.append(row)
     args.out.write_text(
         json.dumps(
-            {"rows": rows, "note": note, "threads": 1, "load_average_1min_riemfip": load},
+            {
+                "rows": rows,
+                "note": note,
+                "threads": 1,
+                "clock": args.clock,
+                "load_average_1min_riemfip": load,
+            },
             indent=2,
         )
     )
     plot(rows, args.out.with_suffix(".png"))
     print(
-        f"{'d':>3} {'rk4':>4} | {'exp s (rf / gs)':>20} | {'exp err (rf / gs)':>20} | {'log s (rf / gs)':>20} "
-        f"| {'log err (rf / gs)':>20} | speedup exp, log"
+        f"{'d':>3} {'setting':>12} | {'exp s (rf / gs)':>20} | {'exp err (rf / gs)':>20} "
+        f"| {'log s (rf / gs)':>20} | {'log err (rf / gs)':>20} | speedup exp, log"
     )
     nan = float("nan")
     for r in rows:
         o, t = r["riemfip"], r["geomstats"] or {}
         print(
-            f"{r['d']:>3} {r['steps']:>4} | {o['exp_seconds']:8.3f} / {t.get('exp_seconds') or nan:8.3f} "
+            f"{r['d']:>3} {_setting(r):>12} "
+            f"| {o['exp_seconds']:8.3f} / {t.get('exp_seconds') or nan:8.3f} "
             f"| {o['exp_error']:8.1e} / {t.get('exp_error') or nan:8.1e} "
-            f"| {o['log_seconds']:8.3f} / {t.get('log_seconds') or nan:8.3f} "
-            f"| {o['log_error']:8.1e} / {t.get('log_error') or nan:8.1e} "
+            f"| {o.get('log_seconds', nan):8.3f} / {t.get('log_seconds') or nan:8.3f} "
+            f"| {o.get('log_error', nan):8.1e} / {t.get('log_error') or nan:8.1e} "
             f"| {_fmt_speedup(r, 'exp')}, {_fmt_speedup(r, 'log')}"
         )
     return 0

@@ -1,8 +1,10 @@
-"""Geometry of weight space: output metrics, the pullback metric, the WeightSpace manifold.
+"""Geometry of weight space: output metrics, the pullback metric, the WeightSpace manifold,
+and its geodesics (:mod:`manifolds.geodesic`: the flow behind exp, the boundary-value
+solvers behind log, one :class:`GeodesicPath`).
 
 Nothing here imports :mod:`riemfip`; data flows one way, from a batch through
-:class:`PullbackMetric` to :class:`WeightSpace` and on to the solvers and
-optimizers in :mod:`riemfip`.
+:class:`PullbackMetric` to :class:`WeightSpace` and its geodesics, and on to the
+optimizers and applications in :mod:`riemfip`.
 """
 
 import warnings
@@ -21,7 +23,7 @@ with warnings.catch_warnings():
 
 from .conjugate_gradient import SolveResult, conjugate_gradient
 from .flat import FlatModule
-from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_geodesic
+from .geodesic import GeodesicPath, NonFiniteError, expmap_approximation, integrate_geodesic
 from .gram import OutputGram
 from .jacobian import AutogradJacobian, JacobianOperator
 from .output_metrics import Bhattacharyya, Euclidean, OutputMetric, SoftmaxFisher, get_output_metric
@@ -38,8 +40,9 @@ __all__ = [
     "ConvergenceWarning",
     "Euclidean",
     "FlatModule",
-    "GeodesicTrajectory",
+    "GeodesicPath",
     "JacobianOperator",
+    "NonFiniteError",
     "NotConvergedError",
     "OutputGram",
     "OutputMetric",
@@ -58,3 +61,15 @@ __all__ = [
     "lanczos",
     "write_point",
 ]
+
+
+def __getattr__(name: str):
+    # GeodesicTrajectory was the flow's own path type; the flow now returns a GeodesicPath.
+    if name == "GeodesicTrajectory":
+        warnings.warn(
+            "manifolds.GeodesicTrajectory is now manifolds.GeodesicPath",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return GeodesicPath
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

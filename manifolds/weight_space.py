@@ -13,14 +13,18 @@ Contracts
     transport for this retraction (tangent spaces are all :math:`\mathbb{R}^n`), but not
     parallel transport and not an isometry of :math:`g`.
 ``expmap(x, u)``
-    The geodesic flow at :math:`t = 1`, by RK4 with ``expmap_steps`` steps.
+    The geodesic flow at :math:`t = 1`: Dormand–Prince 5(4) with adaptive steps to
+    ``expmap_tol`` (or RK4 with ``expmap_steps`` fixed steps), by
+    :func:`manifolds.geodesic.integrate_geodesic`. A flow that fails (blows up, leaves
+    the chart, step size underflow) raises instead of returning a point.
 ``egrad2rgrad(x, u) = g(x)^{-1} u``
     The natural gradient.
 ``logmap(x, y)``, ``dist(x, y)``
     The initial velocity and the length of the geodesic from ``x`` to ``y``, by
-    Newton shooting on :meth:`expmap` (:func:`riemfip.geodesic.shoot`, with the
-    same RK4 steps, so ``logmap(x, expmap(x, u)) = u`` to the shooting
-    tolerance). A failed solve raises :class:`~manifolds.validation.NotConvergedError`.
+    Newton shooting (:func:`manifolds.geodesic.shoot`) on the fixed-step RK4 flow. With
+    ``expmap_steps`` set, shooting uses the same steps, so ``logmap(x, expmap(x, u)) = u``
+    to the shooting tolerance; with adaptive ``expmap`` they agree to the accuracy of the
+    two flows. A failed solve raises :class:`~manifolds.validation.NotConvergedError`.
 
 With these, ``geoopt.optim.RiemannianSGD`` takes the natural-gradient step
 :math:`w \leftarrow w - \eta\, g(w)^{-1}\nabla L(w)`.
@@ -42,11 +46,15 @@ import torch
 from torch import nn
 
 from .flat import FlatModule
-from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_geodesic
+from .geodesic import GeodesicPath, expmap_approximation, integrate_geodesic, shoot
 from .pullback import PullbackMetric
 from .validation import NotConvergedError
 
 __all__ = ["WeightSpace", "flat_parameter", "write_point"]
+
+#: Fixed RK4 steps of the flow that :meth:`WeightSpace.logmap` shoots on when the manifold's
+#: ``expmap`` is adaptive (``shoot``'s own default).
+_LOGMAP_STEPS = 32
 
 
 class WeightSpace(geoopt.Manifold):
@@ -56,23 +64,17 @@ class WeightSpace(geoopt.Manifold):
     ----------
     metric : PullbackMetric
         The metric :math:`g(w)`.
-    expmap_steps : int
-        RK4 steps of :meth:`expmap` (4 acceleration solves each). The default
-        64 gives great circles on the unit sphere in spherical coordinates to
-        below 1e-6 (measured: 3e-7) for :math:`|v|_g \le 1` along paths that keep
-        0.15 away from the poles; 32 steps reach only 1.5e-6 there (the error
-        falls as ``steps**-4``).
+    expmap_tol : float, optional
+        Tolerance of the adaptive flow of :meth:`expmap` and :meth:`geodesic` (``rtol =
+        atol``; see :func:`~manifolds.geodesic.integrate_geodesic`); default
+        :func:`~manifolds.geodesic.default_flow_tol` (1e-8 in float64, 1e-6 in float32).
+    expmap_steps : int, optional
+        Fixed RK4 steps instead (4 acceleration solves each; not with ``expmap_tol``);
+        the error falls as ``steps**-4``.
     logmap_options : dict, optional
-        Keyword arguments for :func:`riemfip.geodesic.shoot` used by :meth:`logmap`
+        Keyword arguments for :func:`manifolds.geodesic.shoot` used by :meth:`logmap`
         and :meth:`dist` (e.g. ``init="relax"``, ``segments``, ``tol``, ``maxiter``);
-        ``steps`` defaults to ``expmap_steps``.
-
-    Notes
-    -----
-    The boundary-value solver lives in :mod:`riemfip.geodesic` (it is an
-    algorithm built on this geometry, not geometry). :meth:`logmap` imports it
-    lazily, at call time, so importing :mod:`manifolds` never imports
-    :mod:`riemfip`; this is the only such import.
+        ``steps`` defaults to ``expmap_steps``, else 32.
     """
 
     name = "WeightSpace"
@@ -83,7 +85,8 @@ class WeightSpace(geoopt.Manifold):
         self,
         metric: PullbackMetric | None,
         *,
-        expmap_steps: int = 64,
+        expmap_tol: float | None = None,
+        expmap_steps: int | None = None,
         logmap_options: dict | None = None,
     ):
         super().__init__()
@@ -91,8 +94,15 @@ class WeightSpace(geoopt.Manifold):
             raise TypeError(f"metric must be a PullbackMetric, got {type(metric).__name__}")
         if logmap_options is not None and not isinstance(logmap_options, dict):
             raise TypeError(f"logmap_options must be a dict, got {type(logmap_options).__name__}")
+        if expmap_tol is not None and expmap_steps is not None:
+            raise ValueError("give expmap_tol (adaptive steps) or expmap_steps (fixed), not both")
+        if expmap_tol is not None and not float(expmap_tol) > 0:
+            raise ValueError(f"expmap_tol must be > 0, got {expmap_tol}")
+        if expmap_steps is not None and int(expmap_steps) < 1:
+            raise ValueError(f"expmap_steps must be >= 1, got {expmap_steps}")
         self._metric = metric
-        self.expmap_steps = int(expmap_steps)
+        self.expmap_tol = None if expmap_tol is None else float(expmap_tol)
+        self.expmap_steps = None if expmap_steps is None else int(expmap_steps)
         self.logmap_options = dict(logmap_options or {})
         for key in ("strict", "v0"):
             if key in self.logmap_options:
@@ -112,7 +122,10 @@ class WeightSpace(geoopt.Manifold):
         return self._metric
 
     def __reduce_ex__(self, protocol):
-        return (_unbound_weight_space, (self.expmap_steps, self.logmap_options))
+        return (
+            _unbound_weight_space,
+            (self.expmap_steps, self.logmap_options, self.expmap_tol),
+        )
 
     def __deepcopy__(self, memo):
         return self
@@ -191,7 +204,16 @@ class WeightSpace(geoopt.Manifold):
         return x + u, v
 
     def expmap(self, x, u) -> torch.Tensor:
-        r""":math:`\exp_x(u)`: the geodesic flow at :math:`t=1`, RK4 with ``expmap_steps`` steps."""
+        r""":math:`\exp_x(u)`: the geodesic flow at :math:`t=1` (adaptive to ``expmap_tol``, or
+        ``expmap_steps`` fixed RK4 steps).
+
+        Raises
+        ------
+        NonFiniteError
+            The flow produced NaN or Inf (also a :class:`FloatingPointError`).
+        NotConvergedError
+            The adaptive flow's step size underflowed or it ran out of steps.
+        """
         return self.geodesic(x, u).end
 
     def expmap_approx(self, x, u, *, order: int = 2) -> torch.Tensor:
@@ -200,12 +222,10 @@ class WeightSpace(geoopt.Manifold):
         x = self.metric.check_point(x)
         return expmap_approximation(self.metric, x, self.metric.check_tangent("u", u, x), order)
 
-    def _geodesic_to(self, x, y):
-        r"""The geodesic from ``x`` to ``y``: a :class:`riemfip.geodesic.GeodesicPath` from
-        :func:`riemfip.geodesic.shoot` with ``logmap_options`` (raises if it fails)."""
-        from riemfip.geodesic import shoot  # lazy: manifolds never imports riemfip at import time
-
-        options = {"steps": self.expmap_steps} | self.logmap_options
+    def _geodesic_to(self, x, y) -> GeodesicPath:
+        r"""The geodesic from ``x`` to ``y``: a :class:`~manifolds.geodesic.GeodesicPath` from
+        :func:`~manifolds.geodesic.shoot` with ``logmap_options`` (raises if it fails)."""
+        options = {"steps": self.expmap_steps or _LOGMAP_STEPS} | self.logmap_options
         return shoot(self.metric, x, y, strict=True, **options)
 
     def logmap(self, x, y) -> torch.Tensor:
@@ -236,34 +256,41 @@ class WeightSpace(geoopt.Manifold):
         u,
         *,
         t1: float = 1.0,
+        tol: float | None = None,
         steps: int | None = None,
         record: bool = False,
         speeds: bool = False,
-    ) -> GeodesicTrajectory:
+        strict: bool = True,
+    ) -> GeodesicPath:
         r"""The geodesic :math:`t \mapsto \exp_x(t u)` on :math:`[0, t_1]`.
 
-        With ``speeds=True`` the result carries :math:`\|\dot w\|_g` at each kept
-        point and :attr:`~GeodesicTrajectory.speed_drift`, the speed-conservation
-        diagnostic (exactly 0 for an exact geodesic).
+        ``tol`` (adaptive steps) or ``steps`` (fixed RK4 steps) override the manifold's
+        ``expmap_tol``/``expmap_steps`` for this call. With ``speeds=True`` the result
+        carries :math:`\|\dot w\|_g` at each kept point and
+        :attr:`~manifolds.geodesic.GeodesicPath.speed_drift`, the speed-conservation
+        diagnostic (exactly 0 for an exact geodesic). A flow that fails raises (as
+        :meth:`expmap`) unless ``strict=False``, which returns it with its ``status``.
         """
         x = self.metric.check_point(x)
         u = self.metric.check_tangent("u", u, x)
-        return integrate_geodesic(
-            self.metric,
-            x,
-            u,
-            t1=t1,
-            steps=self.expmap_steps if steps is None else steps,
-            record=record,
-            speeds=speeds,
+        if tol is None and steps is None:
+            tol, steps = self.expmap_tol, self.expmap_steps
+        path = integrate_geodesic(
+            self.metric, x, u, t1=t1, tol=tol, steps=steps, record=record, speeds=speeds
         )
+        return path.raise_if_failed() if strict else path
 
     def random(self, *size, dtype=None, device=None, **kwargs):
         raise NotImplementedError("WeightSpace has no natural distribution; start from a network")
 
 
-def _unbound_weight_space(expmap_steps: int, logmap_options: dict | None = None) -> WeightSpace:
-    return WeightSpace(None, expmap_steps=expmap_steps, logmap_options=logmap_options)
+def _unbound_weight_space(
+    expmap_steps: int | None, logmap_options: dict | None = None, expmap_tol: float | None = None
+) -> WeightSpace:
+    # argument order of the first pickles, which had (expmap_steps, logmap_options)
+    return WeightSpace(
+        None, expmap_tol=expmap_tol, expmap_steps=expmap_steps, logmap_options=logmap_options
+    )
 
 
 def flat_parameter(module: nn.Module, manifold: WeightSpace) -> geoopt.ManifoldParameter:

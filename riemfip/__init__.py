@@ -5,7 +5,8 @@ The geometry (output metrics, :class:`~manifolds.PullbackMetric`,
 this package holds what is done with it:
 
 :mod:`riemfip.geodesic`
-    Boundary-value solvers (``shoot``, ``relax``, ``collocation``) returning a ``GeodesicPath``.
+    The boundary-value solvers of :mod:`manifolds.geodesic` (``shoot``, ``relax``,
+    ``collocation``, each returning a ``GeodesicPath``), re-exported.
 :mod:`riemfip.connectivity`
     :func:`connect` two trained networks by a geodesic and compare it with the
     straight line and a Bézier curve.

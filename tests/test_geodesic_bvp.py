@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from manifolds import NotConvergedError, PullbackMetric, WeightSpace
+from manifolds import NotConvergedError, PullbackMetric, Status, WeightSpace
 from riemfip.geodesic import GeodesicPath, collocation, relax, shoot
 
 DT = torch.float64
@@ -65,7 +65,7 @@ def test_dense_acceleration_matches_closed_form_and_output_route(sphere_metric):
 def test_shoot_sphere_great_circle(sphere_path):
     w0, w1, path = sphere_path
     assert path.converged, path.message
-    assert path.residual <= path.tol
+    assert path.status == Status.CONVERGED and path.residual <= path.tol
     d = great_circle(w0, w1)
     assert abs(path.length - d) / d < 1e-6
     assert abs(path.energy - 0.5 * d * d) / (0.5 * d * d) < 2e-6
@@ -122,7 +122,7 @@ def test_relax_converges_to_shooting_as_points_grow(sphere_metric, sphere_path):
     errors = []
     for k in (5, 9, 17):
         r = relax(sphere_metric, w0, w1, k)
-        assert r.method == "relax"
+        assert r.method == "relax" and r.status == Status.CONVERGED and r.residual <= r.tol
         torch.testing.assert_close(r.start, w0, rtol=0, atol=0)
         torch.testing.assert_close(r.end, w1, rtol=0, atol=0)
         errors.append(max(abs(r.length - d) / d, float((r.v0 - ref.v0).norm())))
@@ -247,6 +247,7 @@ def test_shoot_checkpoint_and_resume(sphere_metric, sphere_path):
         callback=lambda it, v, rn: seen.append((it, v, rn)),
     )
     assert not first.converged and "maximum number of Newton iterations" in first.message
+    assert first.status == Status.MAX_ITERATIONS
     assert [it for it, _, _ in seen] == [1, 2]
     # the residual norms reported to the callback decrease (Newton from the line start)
     assert seen[1][2] < seen[0][2]
@@ -275,7 +276,7 @@ def test_shoot_whose_flow_leaves_the_chart_says_so(v0):
     for jacobian in ("dense", "krylov"):
         path = shoot(metric, w0, w1, v0=v0, steps=16, maxiter=3, jacobian=jacobian)
         assert not path.converged and path.residual == math.inf
-        assert "blew up" in path.message
+        assert path.status == Status.NON_FINITE and "blew up" in path.message
         with pytest.raises(NotConvergedError):
             path.raise_if_failed()
     # From a start inside the chart the same problem converges.

@@ -94,11 +94,15 @@ def test_sphere_expmap_follows_great_circles_at_default_settings():
         assert abs(float(end[0]) - math.acos(float(great_circle(w, v, one)[0, 2]))) < 1e-6
 
 
-def test_sphere_geodesic_conserves_speed():
-    space = WeightSpace(PullbackMetric(sphere))
+@pytest.mark.parametrize("steps", [None, 64])  # adaptive (the default), fixed RK4
+def test_sphere_geodesic_conserves_speed(steps):
+    space = WeightSpace(PullbackMetric(sphere), expmap_steps=steps)
     for w, v in sphere_cases(2, seed=4):
         traj = space.geodesic(w, v, speeds=True, record=True)
-        assert traj.speeds.shape == (space.expmap_steps + 1,)
+        assert traj.converged and float(traj.t[-1]) == 1.0
+        assert traj.speeds.shape == traj.t.shape == (traj.points.shape[0],)
+        if steps is not None:
+            assert traj.speeds.shape == (steps + 1,)
         # closed-form speed sqrt(th'^2 + sin^2 th ph'^2) agrees with the recorded one
         closed = torch.sqrt(
             traj.velocities[:, 0] ** 2 + (traj.points[:, 0].sin() * traj.velocities[:, 1]) ** 2

@@ -8,8 +8,8 @@ Weight space carries the pullback metric of the networks' outputs on task data
     g(w) = \frac1N \sum_{b=1}^N J_b^\top G(y_b) J_b + \lambda I,
 
 and :func:`connect` returns the minimum-energy path from :math:`w_a` to :math:`w_b`, found by
-:func:`riemfip.geodesic.relax` (discrete path energy, L-BFGS; the default) or
-:func:`riemfip.geodesic.shoot` (Newton shooting on the geodesic equation). With the softmax
+:func:`manifolds.geodesic.relax` (discrete path energy, L-BFGS; the default) or
+:func:`manifolds.geodesic.shoot` (Newton shooting on the geodesic equation). With the softmax
 Fisher output metric (the default) the energy of a path is, to second order, the summed KL
 divergence between the predictions at consecutive points, so a geodesic is the path along
 which the classifier's predictions on the anchor inputs change least, per unit of
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from manifolds import FlatModule, PullbackMetric, as_batches
+from manifolds.geodesic import relax, shoot
 
 __all__ = ["connect", "connection_metric"]
 
@@ -99,8 +100,8 @@ def connect(
         Points on the returned path, both ends included (``relax``); for ``shoot`` the
         RK4 steps default to ``n_points - 1``.
     method : {"relax", "shoot"}
-        The boundary-value solver (:func:`riemfip.geodesic.relax` or
-        :func:`riemfip.geodesic.shoot`).
+        The boundary-value solver (:func:`manifolds.geodesic.relax` or
+        :func:`manifolds.geodesic.shoot`).
     metric_options : dict, optional
         Extra keyword arguments for :class:`~manifolds.PullbackMetric` (``solver``, ``tol``,
         ``maxiter``, ``on_failure``).
@@ -109,7 +110,7 @@ def connect(
 
     Returns
     -------
-    riemfip.geodesic.GeodesicPath
+    manifolds.geodesic.GeodesicPath
         ``points[0]`` and ``points[-1]`` are the two networks' flat weights (exactly for
         ``relax``; within ``residual`` for ``shoot``), in the order of
         ``model_a.parameters()``. ``metadata["connect"]`` records the output metric,
@@ -150,9 +151,6 @@ def connect(
     metric = connection_metric(
         model_a, data, output_metric=output_metric, damping=damping, **(metric_options or {})
     )
-    # Imported here so that evaluation and baselines work without the solver package.
-    from riemfip.geodesic import relax, shoot
-
     if method == "relax":
         path = relax(metric, w_a, w_b, int(n_points), **solver_options)
     else:

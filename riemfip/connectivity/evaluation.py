@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from manifolds import FlatModule, PullbackMetric, as_batches
+from manifolds.geodesic import chord_energy, chord_lengths
 
 from ..labelled import labelled_pair
 from ..records import JsonRecord
@@ -281,19 +282,20 @@ def _embedded(metric: PullbackMetric, w: torch.Tensor) -> torch.Tensor:
 
 
 def _chord_energy(df: torch.Tensor, dw: torch.Tensor, t: torch.Tensor, damping: float) -> float:
-    r""":math:`\tfrac12 \sum_k (\|\Delta F_k\|^2 + \lambda \|\Delta w_k\|^2) / \Delta t_k` from the chord lengths."""
-    return float(0.5 * ((df**2 + damping * dw**2) / t.diff()).sum())
+    """:func:`manifolds.geodesic.chord_energy` as a float."""
+    return float(chord_energy(df, dw, t, damping))
 
 
 def _lengths(points: torch.Tensor) -> torch.Tensor:
-    r""":math:`\|w_{k+1} - w_k\|`, float64 on the CPU."""
-    return torch.linalg.vector_norm(points.diff(dim=0), dim=1).double().cpu()
+    """:func:`manifolds.geodesic.chord_lengths`, float64 on the CPU."""
+    return chord_lengths(points).double().cpu()
 
 
 def path_energy(
     metric: PullbackMetric, path: object, *, bn_inputs: torch.Tensor | Iterable | None = None
 ) -> float:
-    r"""Chord energy :math:`\tfrac12 \sum_k (\|\Delta F_k\|^2 + \lambda\|\Delta w_k\|^2)/\Delta t_k`.
+    r"""Chord energy :math:`\tfrac12 \sum_k (\|\Delta F_k\|^2 + \lambda\|\Delta w_k\|^2)/\Delta t_k`
+    (:func:`manifolds.geodesic.chord_energy`; with uniform times the objective of ``relax``).
 
     Parameters
     ----------
