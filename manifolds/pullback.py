@@ -50,7 +50,7 @@ from .conjugate_gradient import (
     status_of,
 )
 from .flat import FlatModule
-from .linear_jacobian import linear_jacobian, linear_layers
+from .layer_jacobian import module_jacobian
 from .output_metrics import OutputMetric, get_output_metric
 from .validation import check_finite, check_vector
 
@@ -402,26 +402,18 @@ class PullbackMetric:
         r"""Eigendecomposition of :math:`K = JJ^\top` (``m x m``); returns
         ``(eigenvalues, eigenvectors, vjp_fn)``.
 
-        For a metric :meth:`from_module` whose weights all belong to ``nn.Linear`` layers,
+        For a metric :meth:`from_module` whose weights all belong to layers with a factored
+        Jacobian (``nn.Linear``, ``nn.Conv2d``, normalisation layers in eval mode),
         :math:`K` is built exactly from the layers' inputs and output gradients
-        (:mod:`manifolds.linear_jacobian`: one forward pass and one batched backward pass
+        (:mod:`manifolds.layer_jacobian`: one forward pass and one batched backward pass
         per output unit); otherwise column block by column block as :math:`J(J^\top E)`
         without forming :math:`J` (:math:`m` reverse- and :math:`m` forward-mode products).
         """
         if self.module is not None:
-            flat, batches = self.module, self.inputs
-            layers = linear_layers(flat.module, flat.names)
-            if layers is not None:
-                wp = w.detach().requires_grad_(True)
-                jac = linear_jacobian(
-                    layers,
-                    lambda: [flat(wp, x, train=False) for x in batches],
-                    self.output_metric,
-                    flat.dim,
-                )
-                if jac is not None:
-                    evals, evecs = torch.linalg.eigh(jac.gram())
-                    return evals, evecs, lambda u: (jac.vjp(u.reshape(1, -1))[0],)
+            jac = module_jacobian(self.module, self.inputs, w, self.output_metric)
+            if jac is not None:
+                evals, evecs = torch.linalg.eigh(jac.gram())
+                return evals, evecs, lambda u: (jac.vjp(u.reshape(1, -1))[0],)
         e, vjp_fn = vjp(self.embed, w)
         m = e.numel()
         eye = torch.eye(m, dtype=e.dtype, device=e.device)

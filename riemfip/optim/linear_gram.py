@@ -1,5 +1,6 @@
-r"""FIP's plan for groups of ``nn.Linear`` parameters: the exact, factored output Jacobian
-(:mod:`manifolds.linear_jacobian`) at the current weights, from which each step builds
+r"""FIP's plan for groups of layer parameters (``nn.Linear``, ``nn.Conv2d``, normalisation
+layers): the exact, factored output Jacobian (:mod:`manifolds.layer_jacobian`) at the
+current weights, from which each step builds
 :math:`K = JJ^\top`, :math:`J\nabla` and :math:`J^\top z` without further passes
 through the network.
 """
@@ -9,24 +10,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from manifolds.linear_jacobian import LinearJacobian, linear_jacobian, linear_layers
+from manifolds.layer_jacobian import FactoredJacobian, LayerPlan, factored_layers, layer_jacobian
 from manifolds.output_metrics import OutputMetric
 
 from .anchor import GroupFunction
 
-__all__ = ["LinearGram", "LinearJacobian", "linear_gram_plan"]
+__all__ = ["FactoredJacobian", "LinearGram", "linear_gram_plan"]
 
 
 class LinearGram:
-    r"""Builds the factored :math:`J` (:class:`~manifolds.linear_jacobian.LinearJacobian`) of a
-    group of ``nn.Linear`` parameters at given weights.
+    r"""Builds the factored :math:`J` (:class:`~manifolds.layer_jacobian.FactoredJacobian`) of a
+    group of layer parameters at given weights.
 
     Use :func:`linear_gram_plan` to get one (``None`` when the group has other parameters).
     """
 
-    def __init__(self, fn: GroupFunction, layers: list[tuple[nn.Linear, int | None, int | None]]):
+    def __init__(self, fn: GroupFunction, layers: LayerPlan):
         self.fn = fn
-        self.layers = layers  # (module, flat offset of its weight or None, of its bias or None)
+        self.layers = layers  # the group's layers with the flat offsets of their parameters
 
     def _params(self) -> list[torch.Tensor]:
         params = dict(self.fn.model.named_parameters())
@@ -34,17 +35,18 @@ class LinearGram:
 
     def jacobian(self, metric: OutputMetric, w: torch.Tensor | None, x: torch.Tensor):
         r""":math:`J` at ``w`` on inputs ``x`` (embedded outputs scaled by
-        :math:`N^{-1/2}`), or ``None`` if the forward pass does not apply each layer
-        exactly once to 2-D inputs. ``w=None``: at the model's current weights, by a
+        :math:`N^{-1/2}`), or ``None`` if the forward pass breaks an assumption of
+        :mod:`manifolds.layer_jacobian` (e.g. a layer applied twice). ``w=None``: at the model's current weights, by a
         plain forward pass of the model (cheaper than a functional call)."""
         if w is None and not all(p.requires_grad for p in self._params()):
             w = torch.cat([p.detach().reshape(-1) for p in self._params()])
         wp = None if w is None else w.detach().requires_grad_(True)
-        return linear_jacobian(self.layers, lambda: [self.fn(wp, x)], metric, self.fn.dim)
+        return layer_jacobian(self.layers, lambda: [self.fn(wp, x)], metric, self.fn.dim)
 
 
 def linear_gram_plan(model: nn.Module, fn: GroupFunction) -> LinearGram | None:
-    """A :class:`LinearGram` when every parameter of the group is the weight or bias of an
-    ``nn.Linear`` of ``model``; else ``None`` (use the generic solver)."""
-    layers = linear_layers(model, fn.names)
+    """A :class:`LinearGram` when every parameter of the group is the weight or bias of a
+    layer with a factored Jacobian (:func:`manifolds.layer_jacobian.factored_layers`);
+    else ``None`` (use the generic solver)."""
+    layers = factored_layers(model, fn.names)
     return None if layers is None else LinearGram(fn, layers)
