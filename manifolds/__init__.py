@@ -22,6 +22,7 @@ with warnings.catch_warnings():
 from .conjugate_gradient import SolveResult, conjugate_gradient
 from .flat import FlatModule
 from .geodesic_flow import GeodesicTrajectory, expmap_approximation, integrate_geodesic
+from .kronecker_metric import KroneckerMetric
 from .output_metrics import Bhattacharyya, Euclidean, OutputMetric, SoftmaxFisher, get_output_metric
 from .pullback import PullbackMetric, as_batches
 from .validation import ConvergenceWarning, NotConvergedError
@@ -33,6 +34,7 @@ __all__ = [
     "Euclidean",
     "FlatModule",
     "GeodesicTrajectory",
+    "KroneckerMetric",
     "NotConvergedError",
     "OutputMetric",
     "PullbackMetric",
