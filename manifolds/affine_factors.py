@@ -243,7 +243,8 @@ def linear_factors(
     slots = AffineSlots(
         layer.out_features, layer.in_features, offsets.get("weight"), offsets.get("bias")
     )
-    return [AffineFactor(patches, deltas.reshape(n, c, -1, layer.out_features), slots)]
+    deltas = deltas.reshape(n, c, -1, layer.out_features).contiguous()
+    return [AffineFactor(patches, deltas, slots)]
 
 
 def _symmetric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:

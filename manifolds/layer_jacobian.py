@@ -281,7 +281,7 @@ def _output_gradients(calls: list[list], outputs: list[torch.Tensor], metric: Ou
         for layer, g, z in zip(deltas, grads, outs, strict=True):
             layer.append(z.new_zeros(width, *z.shape) if g is None else g)
         embedded.append(emb.detach())
-    deltas = [torch.cat(layer, dim=1).transpose(0, 1) for layer in deltas]
+    deltas = [(torch.cat(d, dim=1) if len(d) > 1 else d[0]).transpose(0, 1) for d in deltas]
     return torch.cat(embedded).reshape(-1), deltas
 
 
@@ -303,12 +303,13 @@ def layer_jacobian(
         return None
     embedded, deltas = _output_gradients(recorder.calls, outputs, metric)
     factors = []
-    for slot, calls, delta in zip(plan.layers, recorder.calls, deltas, strict=True):
+    for i, (slot, calls) in enumerate(zip(plan.layers, recorder.calls, strict=True)):
         inputs = torch.cat([x for x, _, _ in calls])
-        built = slot.build(slot.module, slot.offsets, inputs, delta)
+        built = slot.build(slot.module, slot.offsets, inputs, deltas[i])
         if built is None:
             return None
         factors.extend(built)
+        deltas[i] = None  # the factor keeps what it needs (a copy, or only its rows)
     samples = sum(y.shape[0] for y in outputs)
     return FactoredJacobian(embedded, factors, samples, outputs[0].shape[1], numel)
 
