@@ -72,6 +72,8 @@ class KroneckerMetric:
         :class:`~manifolds.curvature_blocks.ExactBlock`) covering every flat coordinate once.
     dim : int
         :math:`n`, the length of the flat weights.
+    dtype, device : optional
+        Those of the factors; vectors must match them.
 
     Examples
     --------
@@ -79,26 +81,29 @@ class KroneckerMetric:
 
     >>> from torch import nn
     >>> from manifolds import PullbackMetric
-    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    >>> metric = PullbackMetric.from_module(net, torch.randn(16, 4))
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    >>> metric = PullbackMetric.from_module(net, torch.randn(16, 4, dtype=torch.float64))
     >>> w = metric.module.flatten()
     >>> kfac = KroneckerMetric.from_pullback(metric, w)
     >>> lam = 0.1 * kfac.trace() / kfac.dim
-    >>> grad = torch.randn(kfac.dim)
+    >>> grad = torch.randn(kfac.dim, dtype=torch.float64)
     >>> step = kfac.solve(grad, lam)           # (A (x) G + lam I)^-1 grad
     >>> filtered = kfac.project(grad, lam)     # lam (A (x) G + lam I)^-1 grad
-    >>> torch.allclose(kfac.matvec(step) + lam * step, grad, atol=1e-5)
+    >>> torch.allclose(kfac.matvec(step) + lam * step, grad)
     True
     """
 
-    def __init__(self, blocks: list, dim: int):
+    def __init__(self, blocks: list, dim: int, dtype=None, device=None):
         self.blocks, self.dim = blocks, int(dim)
+        self.dtype, self.device = dtype, device
 
     @classmethod
     def from_jacobian(cls, jacobian: FactoredJacobian) -> KroneckerMetric:
         """The approximation from the factors of an exact factored Jacobian."""
         blocks = [factor.curvature_block() for factor in jacobian.factors]
-        return cls(blocks, jacobian.numel)
+        like = jacobian.embedded
+        return cls(blocks, jacobian.numel, like.dtype, like.device)
 
     @classmethod
     def from_pullback(cls, metric: PullbackMetric, w: torch.Tensor) -> KroneckerMetric:
@@ -130,6 +135,10 @@ class KroneckerMetric:
         if v.ndim not in (1, 2) or v.shape[-1] != self.dim:
             raise ValueError(
                 f"{name} must have shape ({self.dim},) or (k, {self.dim}), got {tuple(v.shape)}"
+            )
+        if self.dtype is not None and (v.dtype, v.device) != (self.dtype, self.device):
+            raise ValueError(
+                f"{name} is {v.dtype} on {v.device}, the metric {self.dtype} on {self.device}"
             )
         return v.reshape(-1, self.dim)
 

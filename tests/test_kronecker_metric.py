@@ -209,6 +209,8 @@ def test_bad_arguments_are_named():
         kfac.matvec(torch.zeros(42, dtype=DT))
     with pytest.raises(TypeError, match="b must be a floating tensor"):
         kfac.solve([0.0] * 43, 1.0)
+    with pytest.raises(ValueError, match="v is torch.float32 on cpu, the metric torch.float64"):
+        kfac.matvec(torch.zeros(43))
     with pytest.raises(ValueError, match="damping must be a finite number > 0"):
         kfac.solve(torch.zeros(43, dtype=DT), 0.0)
     prelu = nn.Sequential(nn.Linear(4, 3), nn.PReLU()).to(DT)
