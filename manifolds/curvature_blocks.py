@@ -20,9 +20,13 @@ __all__ = ["ExactBlock", "KroneckerBlock"]
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (clamped at 0: the matrix is a Gram matrix) and eigenvectors."""
-    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
-    return values.clamp_min(0), vectors
+    """Eigenvalues (clamped at 0: the matrix is a Gram matrix) and eigenvectors, computed in
+    float64 whatever the factor's dtype: single-precision LAPACK fails to converge on the
+    rank-deficient factors that few samples and dead ReLU features give (a 257-square input
+    factor of 4 samples is enough), and the factors are small."""
+    wide = matrix.to(torch.float64)
+    values, vectors = torch.linalg.eigh(0.5 * (wide + wide.T))
+    return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
 
 
 class KroneckerBlock:

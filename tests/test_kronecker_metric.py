@@ -191,6 +191,21 @@ def test_solve_inverts_matvec_and_trace_is_the_matrix_trace(net):
     assert ours.matvec(v[0]).shape == (n,)
 
 
+def test_float32_solve_survives_rank_deficient_factors():
+    """Four samples of sparse, small features (dead ReLUs) into a 256-wide layer: float32
+    eigh of A fails to converge on such a factor; the solve still inverts the matvec."""
+    torch.manual_seed(5)
+    net = nn.Linear(256, 3)
+    g = torch.Generator().manual_seed(0)
+    x = 0.05 * torch.relu(torch.randn(4, 256, generator=g) - 2.0)
+    metric = PullbackMetric.from_module(net, x, output_metric="fisher")
+    kfac = KroneckerMetric.from_pullback(metric, metric.module.flatten())
+    lam = 0.1 * kfac.trace() / kfac.dim
+    v = torch.randn(kfac.dim, generator=g)
+    back = kfac.solve(kfac.matvec(v) + lam * v, lam)
+    assert float((back - v).norm() / v.norm()) < 1e-4
+
+
 def test_from_jacobian_is_from_pullback():
     net, x = cnn(), data(4, 2, 7, 7)
     metric = PullbackMetric.from_module(net, x, output_metric="fisher")
