@@ -201,7 +201,7 @@ def test_factored_jacobian_of_parameter_group_equals_dense(name, output_metric):
 def test_both_gram_routes_agree_in_small_chunks(monkeypatch, route):
     """Either way of building a Linear/Conv2d layer's K, over chunks of a few samples and
     output channels, gives the dense JJ^T."""
-    monkeypatch.setattr(affine, "CHUNK_ELEMENTS", 200)
+    monkeypatch.setattr(affine, "CHUNK_ELEMENTS", 600)
     net, x = network("cnn")
     metric = PullbackMetric.from_module(net, x, output_metric="fisher")
     w = metric.module.flatten()
