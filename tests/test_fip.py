@@ -586,3 +586,42 @@ def test_exact_and_pcg_solvers_take_the_same_step(task):
             opt.step()
         steps.append(flat(net))
     assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)
+
+
+def test_exact_and_pcg_solvers_take_the_same_step_on_a_cnn_with_batch_norm():
+    """A CNN with BatchNorm (eval, running statistics) and an in-place ReLU has a factored
+    Jacobian now, so solver="exact" runs on it; its steps equal preconditioned CG's."""
+    gen = torch.Generator().manual_seed(4)
+    anchors = torch.randn(12, 1, 6, 6, generator=gen, dtype=torch.float64)
+    xb = torch.randn(16, 1, 6, 6, generator=gen, dtype=torch.float64)
+    yb = torch.randint(0, CLASSES, (16,), generator=gen)
+    torch.manual_seed(5)
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1, stride=2),
+        nn.BatchNorm2d(3),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, CLASSES),
+    ).double()
+    cnn[1].running_mean.normal_(generator=gen)
+    cnn[1].running_var.uniform_(0.5, 2.0, generator=gen)
+    fn = GroupFunction(cnn, list(cnn.parameters()))
+    assert linear_gram_plan(cnn, fn) is not None
+    steps = []
+    for solver in ("exact", "pcg"):
+        net = copy.deepcopy(cnn)
+        opt = FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=anchors,
+            solver=solver,
+            solve_tol=1e-10,
+            solve_maxiter=500,
+        )
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xb), yb).backward()
+            opt.step()
+        steps.append(flat(net))
+    assert not torch.allclose(steps[0], flat(cnn))
+    assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)
