@@ -74,18 +74,20 @@ class OutputMetric:
         r"""Dense :math:`G(y)`, shape ``(*y.shape, C)``; for tests and small problems."""
         raise NotImplementedError
 
-    def embed_samples(self, y: torch.Tensor) -> torch.Tensor:
+    def embed_samples(self, y: torch.Tensor, samples: int | None = None) -> torch.Tensor:
         r"""The embedded outputs of a batch, :math:`F = N^{-1/2}(\phi(y_1), \dots, \phi(y_N))`,
         flat (sample-major), for outputs ``y`` of shape ``(N, ...)`` (the metric acting on the
         last axis; a 0-D or 1-D ``y`` is one sample).
 
         With :math:`J = \partial F/\partial w`, the pullback metric of the batch is
         :math:`\frac1N\sum_b J_b^\top G(y_b) J_b = J^\top J`: this is the one map every
-        pullback computation in :mod:`manifolds` differentiates.
+        pullback computation in :mod:`manifolds` differentiates. ``samples`` is :math:`N` when
+        ``y`` is one of several batches of one metric (default: ``y``'s own length).
         """
         if y.ndim <= 1:
             y = y.reshape(1, -1)
-        return self.embed(y).reshape(-1) * (1.0 / math.sqrt(y.shape[0]))
+        n = y.shape[0] if samples is None else samples
+        return self.embed(y).reshape(-1) * (1.0 / math.sqrt(n))
 
     def divergence(self, y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         r"""Per-sample divergence :math:`D(y, y_0)` with :math:`\partial^2_y D|_{y=y_0} = G(y_0)`.
