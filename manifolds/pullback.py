@@ -162,6 +162,7 @@ class PullbackMetric:
         params: Iterable[torch.Tensor] | None = None,
         output_metric: str | OutputMetric = "euclidean",
         damping: float = 0.0,
+        check_inputs: bool = True,
         **options,
     ) -> PullbackMetric:
         r"""The pullback metric of a network's outputs on ``inputs``.
@@ -179,6 +180,10 @@ class PullbackMetric:
             all, ordered as ``torch.nn.utils.parameters_to_vector(module.parameters())``.
         output_metric, damping, **options
             As for :class:`PullbackMetric`.
+        check_inputs : bool
+            Feed the first batch to the network now, so that inputs it cannot take fail
+            here (:func:`~manifolds.task_data.check_module_takes`); ``False`` for callers
+            that have checked them already (one forward pass saved).
 
         Notes
         -----
@@ -190,7 +195,8 @@ class PullbackMetric:
         """
         flat = module if isinstance(module, FlatModule) else FlatModule(module, params)
         batches = as_batches(inputs)
-        check_module_takes(flat, batches)
+        if check_inputs:
+            check_module_takes(flat, batches)
         metric = cls(
             ModuleOutputs(flat, batches),
             output_metric=output_metric,
