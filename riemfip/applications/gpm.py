@@ -364,22 +364,32 @@ class ProjectedSGD(torch.optim.SGD):
             w = layer.weight
             if w.grad is None:
                 continue
-            g = w.grad.reshape(len(w), -1)
+            if not w.grad.is_contiguous():
+                w.grad = w.grad.contiguous()
+            g = w.grad.view(len(w), -1)
             if with_bias:
                 g = torch.cat([g, layer.bias.grad.unsqueeze(1)], dim=1)
-            if kind == "basis":
-                delta = (g @ mat) @ mat.T
-                new = g - (delta if free is None else delta.masked_fill(free.unsqueeze(1), 0.0))
-            else:
-                new = (g @ mat) @ mat.T
-                new = new if free is None else torch.where(free.unsqueeze(1), g, new)
-            w.grad.copy_(new[:, : g.shape[1] - with_bias].reshape(w.shape))
+            _project_rows_(g, kind, mat, free)
             if with_bias:
-                layer.bias.grad.copy_(new[:, -1])
+                w.grad.copy_(g[:, :-1].reshape(w.shape))
+                layer.bias.grad.copy_(g[:, -1])
 
     def step(self, closure=None):
         self.project_()
         return super().step(closure)
+
+
+def _project_rows_(
+    g: torch.Tensor, kind: str, mat: torch.Tensor, free: torch.Tensor | None
+) -> None:
+    r"""In place: :math:`G \leftarrow G - (GM)M^\top` or :math:`G \leftarrow GQQ^\top`, rows ``free`` kept."""
+    kept = None if free is None else g[free]
+    if kind == "basis":
+        g.addmm_(g @ mat, mat.T, alpha=-1.0)
+    else:
+        torch.mm(g @ mat, mat.T, out=g)
+    if kept is not None:
+        g[free] = kept
 
 
 def _projector(basis: torch.Tensor, weight: torch.Tensor) -> tuple[str, torch.Tensor]:
