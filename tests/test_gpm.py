@@ -276,3 +276,9 @@ def test_registered_and_bad_input():
         BasisMemory().update(nn.Sequential(nn.ReLU()), torch.randn(2, 3), 0.9)
     with pytest.raises(ValueError, match="non-empty"):
         BasisMemory().update(nn.Linear(3, 2), torch.zeros(0, 3), 0.9)
+    memory = BasisMemory()
+    memory.update(nn.Sequential(nn.Linear(3, 2)), torch.randn(4, 3), 0.9)
+    with pytest.raises(ValueError, match="basis has 3"):
+        ProjectedSGD(nn.Sequential(nn.Linear(4, 2)), memory, lr=0.1)
+    with pytest.raises(ValueError, match="not in this model"):
+        ProjectedSGD(nn.Sequential(nn.ReLU(), nn.Linear(3, 2)), memory, lr=0.1)

@@ -325,6 +325,11 @@ class ProjectedSGD(torch.optim.SGD):
     free_rows : torch.Tensor, optional
         Boolean mask over the output units of ``memory.head``: rows left unprojected
         (the output units of tasks not yet finished, task-incremental).
+
+    Raises
+    ------
+    ValueError
+        A basis for a layer that ``model`` lacks, or of the wrong input dimension.
     """
 
     def __init__(
@@ -341,8 +346,15 @@ class ProjectedSGD(torch.optim.SGD):
         self._projectors = []
         projected = set()
         for name, basis in memory.bases.items():
-            layer = layers[name]
+            layer = layers.get(name)
+            if layer is None:
+                raise ValueError(f"the memory holds a basis for layer {name!r}, not in this model")
             with_bias = memory.bias == "augment" and layer.bias is not None
+            if basis.shape[0] != layer.weight[0].numel() + with_bias:
+                raise ValueError(
+                    f"layer {name!r} takes {layer.weight[0].numel() + with_bias} input values, "
+                    f"its stored basis has {basis.shape[0]}"
+                )
             free = free_rows if name == memory.head else None
             self._projectors.append((layer, with_bias, free, *_projector(basis, layer.weight)))
             projected.add(layer.weight)
