@@ -199,16 +199,18 @@ class _Representation:
         r"""``(energies, directions, total)`` of :math:`\hat R = (I - MM^\top)R`, energies decreasing.
 
         ``directions`` is ``(d, m)``, orthonormal columns; ``total`` is :math:`\|R\|_F^2`.
+        Computed on the CPU (the columns are gathered on the model's device).
         """
         if self.gram is None:
-            cols = torch.cat(self.rows)
+            cols = torch.cat(self.rows).cpu()
             total = float(cols.pow(2).sum())
             resid = cols - (cols @ basis) @ basis.T
             _, s, vh = torch.linalg.svd(resid, full_matrices=False)
             return s.pow(2), vh.T, total
-        total = float(torch.trace(self.gram))
-        proj = torch.eye(len(self.gram), dtype=self.gram.dtype) - basis @ basis.T
-        vals, vecs = torch.linalg.eigh(proj @ self.gram @ proj)
+        gram = self.gram.cpu()
+        total = float(torch.trace(gram))
+        proj = torch.eye(len(gram), dtype=gram.dtype) - basis @ basis.T
+        vals, vecs = torch.linalg.eigh(proj @ gram @ proj)
         return vals.flip(0).clamp_min(0), vecs.flip(1), total
 
 
@@ -233,7 +235,8 @@ class BasisMemory:
     Attributes
     ----------
     bases : dict of str to torch.Tensor
-        Layer name to ``(d, k)`` float64 orthonormal columns (empty until :meth:`update`).
+        Layer name to ``(d, k)`` float64 orthonormal columns on the CPU (empty until
+        :meth:`update`).
     head : str or None
         The layer whose output is the model's output, found by :meth:`update`.
     """
@@ -245,7 +248,7 @@ class BasisMemory:
         self.bases: dict[str, torch.Tensor] = {}
         self.head: str | None = None
 
-    def representations(
+    def _representations(
         self, model: nn.Module, x: torch.Tensor, batch_size: int = 100
     ) -> dict[str, _Representation]:
         """Every protected layer's input columns on ``x`` (model in eval mode, no grad)."""
@@ -288,7 +291,7 @@ class BasisMemory:
             raise ValueError("x must be a non-empty tensor of inputs (N, ...)")
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        for name, rep in self.representations(model, x, batch_size).items():
+        for name, rep in self._representations(model, x, batch_size).items():
             d = rep.gram.shape[0] if rep.gram is not None else rep.rows[0].shape[1]
             basis = self.bases.get(name, torch.zeros(d, 0, dtype=torch.float64))
             energies, directions, total = rep.residual_spectrum(basis)
