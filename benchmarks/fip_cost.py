@@ -34,7 +34,8 @@ time (``time.process_time``):
    step on it in a random order. Both *continue*: each optimizer keeps stepping its
    own copy of the network (same initial weights), the method's optimizer is never
    rebuilt. Ratio of a repeat = time(method) / time(SGD); the row reports the median
-   and quartiles over repeats.
+   and quartiles over repeats, and the ratio of the mean times (what a long run pays
+   when a few steps are much dearer than the rest, e.g. a refactored metric).
 4. ``memory``: one more step of each (untimed), as below.
 
 Memory: before a measured step the process returns free heap memory to the system
@@ -316,6 +317,9 @@ def summarize(spec: dict, events: list[dict], wall_timeout: bool) -> dict:
         row["method_median_s"] = statistics.median(row["method_times_s"])
         row["method_q1_s"], row["method_q3_s"] = quartiles(row["method_times_s"])
         row["sgd_median_s"] = statistics.median(row["sgd_times_s"])
+        row["method_mean_s"] = statistics.fmean(row["method_times_s"])
+        row["sgd_mean_s"] = statistics.fmean(row["sgd_times_s"])
+        row["ratio_of_means"] = row["method_mean_s"] / row["sgd_mean_s"]
         row["ratio_median"] = statistics.median(ratios)
         row["ratio_q1"], row["ratio_q3"] = quartiles(ratios)
         row["solve_iterations"] = [r.get("solve_iterations") for r in repeats]
@@ -359,31 +363,40 @@ def _mb(value) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _x(ratio: float) -> str:
+    digits = 2 if ratio < 10 else (1 if ratio < 1000 else 0)
+    return f"{ratio:,.{digits}f}×"
+
+
 def table(rows: list[dict]) -> str:
     """Markdown table of the rows."""
     head = (
-        "| model | batch | method | setup s | first step ms | step ms, median (IQR) | "
-        "SGD step ms | ratio, median (IQR) | repeats | peak MB: first / steady (SGD) |"
+        "| model | batch | method | setup s | first step ms | step ms, median (IQR) | mean | "
+        "SGD step ms | ratio, median (IQR) | ratio of means | repeats | "
+        "peak MB: first / steady (SGD) |"
     )
-    lines = [head, "|---" * 10 + "|"]
+    lines = [head, "|---" * 12 + "|"]
     for r in rows:
         label = METHOD_LABELS[r["method"]]
         setup = "-" if r["setup_s"] is None else f"{r['setup_s']:.2f}"
         if r["repeats"]:
             step = f"{_ms(r['method_median_s'])} ({_ms(r['method_q1_s'])}–{_ms(r['method_q3_s'])})"
-            ratio = f"{r['ratio_median']:,.1f}× ({r['ratio_q1']:,.1f}–{r['ratio_q3']:,.1f})"
+            ratio = f"{_x(r['ratio_median'])} ({_x(r['ratio_q1'])}–{_x(r['ratio_q3'])})"
             sgd = _ms(r["sgd_median_s"])
+            mean = statistics.fmean(r["method_times_s"])
+            of_means = _x(mean / statistics.fmean(r["sgd_times_s"]))
+            mean = _ms(mean)
         else:
             step = ratio = f"over {r['max_seconds']} s"
-            sgd = _ms(r["first_sgd_s"])
+            sgd, mean, of_means = _ms(r["first_sgd_s"]), "-", "-"
         first = _ms(r["first_s"]) if r["first_s"] is not None else f"over {r['max_seconds']} s"
         mem = (
             f"{_mb(r['first_peak_mb'])} / {_mb(r.get('steady_peak_mb'))} "
             f"({_mb(r['first_sgd_peak_mb'])} / {_mb(r.get('steady_sgd_peak_mb'))})"
         )
         lines.append(
-            f"| {r['model_label']} | {r['batch']} | {label} | {setup} | {first} | {step} | "
-            f"{sgd} | {ratio} | {r['repeats']} | {mem} |"
+            f"| {r['model_label']} | {r['batch']} | {label} | {setup} | {first} | {step} | {mean} | "
+            f"{sgd} | {ratio} | {of_means} | {r['repeats']} | {mem} |"
         )
     return "\n".join(lines)
 
