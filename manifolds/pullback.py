@@ -50,7 +50,7 @@ from .flat import FlatModule
 from .forward_ad import gram_vector_product
 from .gram import OutputGram
 from .jacobian import JacobianOperator, jacobian_at
-from .linear_jacobian import linear_jacobian, linear_layers
+from .layer_jacobian import module_jacobian
 from .output_metrics import OutputMetric, get_output_metric
 from .spectrum import Spectrum, lanczos
 from .task_data import ModuleOutputs, as_batches, check_module_takes
@@ -162,6 +162,7 @@ class PullbackMetric:
         params: Iterable[torch.Tensor] | None = None,
         output_metric: str | OutputMetric = "euclidean",
         damping: float = 0.0,
+        check_inputs: bool = True,
         **options,
     ) -> PullbackMetric:
         r"""The pullback metric of a network's outputs on ``inputs``.
@@ -179,6 +180,10 @@ class PullbackMetric:
             all, ordered as ``torch.nn.utils.parameters_to_vector(module.parameters())``.
         output_metric, damping, **options
             As for :class:`PullbackMetric`.
+        check_inputs : bool
+            Feed the first batch to the network now, so that inputs it cannot take fail
+            here (:func:`~manifolds.task_data.check_module_takes`); ``False`` for callers
+            that have checked them already (one forward pass saved).
 
         Notes
         -----
@@ -190,7 +195,8 @@ class PullbackMetric:
         """
         flat = module if isinstance(module, FlatModule) else FlatModule(module, params)
         batches = as_batches(inputs)
-        check_module_takes(flat, batches)
+        if check_inputs:
+            check_module_takes(flat, batches)
         metric = cls(
             ModuleOutputs(flat, batches),
             output_metric=output_metric,
@@ -266,19 +272,12 @@ class PullbackMetric:
         return jacobian_at(self.embed, w, self._factored_jacobian)
 
     def _factored_jacobian(self, w: torch.Tensor) -> JacobianOperator | None:
+        """:math:`J` held exactly as layer inputs and output gradients
+        (:mod:`manifolds.layer_jacobian`), or ``None`` where the network's layers do not allow
+        it (or the metric was not built from a module)."""
         if self.module is None:
             return None
-        flat, batches = self.module, self.inputs
-        layers = linear_layers(flat.module, flat.names)
-        if layers is None:
-            return None
-        wp = w.detach().requires_grad_(True)
-        return linear_jacobian(
-            layers,
-            lambda: [flat(wp, x, train=False) for x in batches],
-            self.output_metric,
-            flat.dim,
-        )
+        return module_jacobian(self.module, self.inputs, w, self.output_metric)
 
     def output_gram(self, w: torch.Tensor) -> OutputGram:
         r""":math:`K = JJ^\top` at ``w`` with this metric's :math:`\lambda`, factored on first use
