@@ -38,15 +38,24 @@ extensions = [
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "_intersphinx", "**.ipynb_checkpoints", "auto_examples/*.ipynb"]
+exclude_patterns = [
+    "_build",
+    "_intersphinx",
+    "**.ipynb_checkpoints",
+    "auto_examples/*.ipynb",
+]
 
 # -- autodoc / napoleon ------------------------------------------------------------------
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_preprocess_types = True  # "{'a', 'b'}, optional" rendered as literals
-napoleon_use_ivar = True  # "Attributes" as fields, not as a second description of each member
+napoleon_use_ivar = (
+    True  # "Attributes" as fields, not as a second description of each member
+)
 autodoc_member_order = "bysource"
-autodoc_typehints = "none"  # the numpy docstrings carry the types; signatures stay short
+autodoc_typehints = (
+    "none"  # the numpy docstrings carry the types; signatures stay short
+)
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autosummary_generate = False  # the API pages are written by write_api_pages below
 autosummary_ignore_module_all = False  # a module's public names are its __all__
@@ -73,7 +82,11 @@ def _assigned_names(module) -> set[str]:
         return set()
     names = set()
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [getattr(node, "target", None)]
+        )
         names.update(t.id for t in targets if isinstance(t, ast.Name))
     return names
 
@@ -99,7 +112,11 @@ def public_names(module) -> tuple[list[str], list[str]]:
     own, reexported = [], []
     for n in names:
         obj = getattr(module, n)
-        home = getattr(obj, "__module__", None) if (inspect.isclass(obj) or callable(obj)) else None
+        home = (
+            getattr(obj, "__module__", None)
+            if (inspect.isclass(obj) or callable(obj))
+            else None
+        )
         is_own = home == module.__name__ if home is not None else n in assigned
         (own if is_own else reexported).append(n)
     return own, reexported
@@ -126,7 +143,9 @@ def _data_home(module, name: str) -> str:
             other = importlib.import_module(candidate)
             if getattr(other, name, None) is obj and name in _assigned_names(other):
                 return candidate
-    raise LookupError(f"{module.__name__}.{name} is re-exported from a module outside the API")
+    raise LookupError(
+        f"{module.__name__}.{name} is re-exported from a module outside the API"
+    )
 
 
 def _module_page(name: str) -> str:
@@ -170,6 +189,9 @@ def write_api_pages(app) -> None:
         text = _module_page(name)
         if not page.exists() or page.read_text() != text:
             page.write_text(text)
+    for page in folder.glob("*.rst"):  # modules that were renamed or removed
+        if page.stem not in API_MODULES:
+            page.unlink()
 
 
 # -- intersphinx: local inventories only (no network at build time) ----------------------
@@ -197,7 +219,7 @@ sphinx_gallery_conf = {
     "examples_dirs": str(ROOT / "examples"),
     "gallery_dirs": "auto_examples",
     "filename_pattern": r"/plot_",
-    "within_subsection_order": "FileNameSortKey",
+    "within_subsection_order": "_ext.gallery.ExampleOrder",
     "download_all_examples": False,
     "remove_config_comments": True,
     "abort_on_example_error": True,
@@ -250,7 +272,10 @@ def _resolve_reexport(app, env, node, contnode):
     if module:
         candidates += [f"{module}.{cls}.{target}"] if cls else []
         candidates.append(f"{module}.{target}")
-    candidates += [f"manifolds.{target}", f"riemfip.{target}"]  # a public name, unqualified
+    candidates += [
+        f"manifolds.{target}",
+        f"riemfip.{target}",
+    ]  # a public name, unqualified
     domain = env.get_domain("py")
     for candidate in candidates:
         if not candidate.startswith(("manifolds.", "riemfip.")):

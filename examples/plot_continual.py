@@ -43,7 +43,14 @@ methods = {
 }
 results = {
     name: run_continual(
-        tasks, method, model, scenario="class", epochs=3, lr=0.05, seed=0, progress=False
+        tasks,
+        method,
+        model,
+        scenario="class",
+        epochs=3,
+        lr=0.05,
+        seed=0,
+        progress=False,
     )
     for name, method in methods.items()
 }
@@ -58,11 +65,13 @@ for name, result in results.items():
 fig, ax = plt.subplots(figsize=(6.5, 3.5))
 width = 0.25
 for k, (name, result) in enumerate(results.items()):
-    final = result.accuracy[-1]
-    ax.bar(np.arange(2) + (k - 1) * width, final, width, label=name)
+    bars = ax.bar(
+        np.arange(2) + (k - 1) * width, result.accuracy[-1], width, label=name
+    )
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
 ax.set_xticks([0, 1], ["task 0 (digits 0-4)", "task 1 (digits 5-9)"])
 ax.set_ylabel("test accuracy after task 1 (%)")
-ax.set_ylim(0, 100)
-ax.legend()
+ax.set_ylim(0, 105)
+ax.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
 fig.tight_layout()
 plt.show()

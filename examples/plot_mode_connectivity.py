@@ -22,7 +22,12 @@ from torch import nn
 
 import riemfip
 from riemfip.applications.classifiers import accuracy, train_classifier
-from riemfip.connectivity import compare_paths, connection_metric, fit_bezier, straight_line
+from riemfip.connectivity import (
+    compare_paths,
+    connection_metric,
+    fit_bezier,
+    straight_line,
+)
 from riemfip.data import mnist_subset
 
 data = mnist_subset()
@@ -32,7 +37,8 @@ for seed in (0, 1):
     net = nn.Sequential(nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10))
     train_classifier(net, data.x_train, data.y_train, steps=400, seed=seed)
     nets.append(net.eval())
-    print(f"seed {seed}: test accuracy {100 * accuracy(net, data.x_test, data.y_test):.1f}%")
+    acc = 100 * accuracy(net, data.x_test, data.y_test)
+    print(f"seed {seed}: test accuracy {acc:.1f}%")
 
 # %%
 # The geodesic, the line and the Bézier curve
@@ -42,7 +48,9 @@ for seed in (0, 1):
 # The solver's ``status`` and ``message`` say whether it converged (:doc:`/guide/status`).
 anchors = data.x_train[:64]
 path = riemfip.connect(nets[0], nets[1], anchors, damping=1e-3, n_points=9, maxiter=300)
-print(f"relax: {path.message} (residual {path.residual:.2e}, status {path.status.name})")
+print(
+    f"relax: {path.message} (residual {path.residual:.2e}, status {path.status.name})"
+)
 line = straight_line(path.points[0], path.points[-1], 9)
 bezier = fit_bezier(nets[0], nets[1], (data.x_train, data.y_train), epochs=2, seed=0)
 

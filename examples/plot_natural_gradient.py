@@ -32,7 +32,8 @@ torch.manual_seed(0)
 task_a, task_b = split_tasks(mnist_subset(), [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
 net = nn.Sequential(nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10))
 train_classifier(net, task_a.x_train, task_a.y_train, steps=300, seed=0)
-print(f"after task A: {100 * accuracy(net, task_a.x_test, task_a.y_test):.1f}% on digits 0-4")
+acc = 100 * accuracy(net, task_a.x_test, task_a.y_test)
+print(f"after task A: {acc:.1f}% on digits 0-4")
 
 # %%
 # The manifold and the optimizer
@@ -41,7 +42,9 @@ print(f"after task A: {100 * accuracy(net, task_a.x_test, task_a.y_test):.1f}% o
 # :meth:`~manifolds.PullbackMetric.solve` inverts :math:`g` exactly in output space
 # (Woodbury) although :math:`n = 25{,}450`. ``damping`` is :math:`\lambda`: directions
 # that leave the stored outputs alone get :math:`\lambda^{-1}` times the gradient.
-metric = PullbackMetric.from_module(net, task_a.x_train[:25], output_metric="fisher", damping=1.0)
+metric = PullbackMetric.from_module(
+    net, task_a.x_train[:25], output_metric="fisher", damping=1.0
+)
 space = WeightSpace(metric)
 w = flat_parameter(net, space)  # one flat ManifoldParameter, a copy of the weights
 rsgd = geoopt.optim.RiemannianSGD([w], lr=0.05)
@@ -85,7 +88,9 @@ fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
 for name, h in history.items():
     axes[0].plot(steps, [o for o, _ in h], marker="o", label=name)
     axes[1].plot(steps, [n for _, n in h], marker="o", label=name)
-axes[0].set(title="old task (digits 0-4)", xlabel="steps on task B", ylabel="test accuracy (%)")
+axes[0].set(
+    title="old task (digits 0-4)", xlabel="steps on task B", ylabel="test accuracy (%)"
+)
 axes[1].set(title="new task (digits 5-9)", xlabel="steps on task B")
 axes[1].legend()
 fig.tight_layout()

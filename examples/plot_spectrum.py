@@ -33,7 +33,9 @@ torch.manual_seed(0)
 net = nn.Sequential(nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10))
 train_classifier(net, task_a.x_train, task_a.y_train, steps=300, seed=0)
 
-metric = PullbackMetric.from_module(net, task_a.x_train[:25], output_metric="fisher", damping=1e-4)
+metric = PullbackMetric.from_module(
+    net, task_a.x_train[:25], output_metric="fisher", damping=1e-4
+)
 w = metric.module.flatten()
 spectrum = metric.spectrum(w, 250)
 print(f"n = {w.numel()} weights; {spectrum.rank} eigenpairs (the numerical rank of J)")
@@ -58,13 +60,16 @@ directions = {
         task_a.x_train[500:1000], task_a.y_train[500:1000]
     ),
     "task B gradient": gradient(task_b.x_train[:500], task_b.y_train[:500]),
-    "random direction": torch.randn(w.numel(), generator=torch.Generator().manual_seed(0)),
+    "random direction": torch.randn(
+        w.numel(), generator=torch.Generator().manual_seed(0)
+    ),
 }
 ks = list(range(1, spectrum.rank + 1))
 shares = {}
 for name, v in directions.items():
     shares[name] = [
-        Spectrum(spectrum.eigenvalues[:k], spectrum.eigenvectors[:, :k]).fraction(v) for k in ks
+        Spectrum(spectrum.eigenvalues[:k], spectrum.eigenvectors[:, :k]).fraction(v)
+        for k in ks
     ]
     print(f"{name:>34}: {100 * shares[name][-1]:5.1f}% in the top {ks[-1]}")
 
@@ -86,7 +91,10 @@ ax_ev.legend()
 for name, s in shares.items():
     ax_share.plot(ks, [100 * f for f in s], label=name)
 ax_share.set(
-    xlabel="k", ylabel="share in top-k eigenvectors (%)", title="Spectrum.fraction", ylim=(0, 100)
+    xlabel="k",
+    ylabel="share in top-k eigenvectors (%)",
+    title="Spectrum.fraction",
+    ylim=(0, 100),
 )
 ax_share.legend(fontsize=8)
 fig.tight_layout()

@@ -38,10 +38,13 @@ print("g(w0) =", metric.dense(w0).diagonal(), " sin^2(theta) =", math.sin(1.1) *
 fan = []
 for angle in np.linspace(0, np.pi, 4, endpoint=False) + np.pi / 8:
     # a unit-speed initial velocity in the direction `angle` (orthonormal frame of g)
-    v0 = torch.tensor([math.cos(angle), math.sin(angle) / math.sin(1.1)], dtype=torch.float64)
+    v0 = torch.tensor(
+        [math.cos(angle), math.sin(angle) / math.sin(1.1)], dtype=torch.float64
+    )
     path = integrate_geodesic(metric, w0, 2.5 * v0, tol=1e-6, record=True, speeds=True)
     fan.append(path)
-print(f"speed drift along the fan: {max(p.speed_drift for p in fan):.1e} (0 on a geodesic)")
+drift = max(p.speed_drift for p in fan)
+print(f"largest speed drift along the fan: {drift:.1e} (0 on a geodesic)")
 
 # %%
 # A boundary-value problem: shooting between two points
@@ -58,7 +61,8 @@ print(f"geodesic length {bvp.length:.6f}, great-circle angle {angle:.6f}")
 t = torch.linspace(0, 1, 65, dtype=torch.float64)
 chart_line = w0 + t[:, None] * (w1 - w0)
 line_length = sum(
-    float(metric.norm(a, b - a)) for a, b in zip(chart_line[:-1], chart_line[1:], strict=True)
+    float(metric.norm(a, b - a))
+    for a, b in zip(chart_line[:-1], chart_line[1:], strict=True)
 )
 print(f"straight line in (theta, phi): length {line_length:.6f}")
 
@@ -67,7 +71,7 @@ print(f"straight line in (theta, phi): length {line_length:.6f}")
 # -----------
 # Geodesics leave :math:`w_0` as great circles; the shooting solution (red) is the short
 # great-circle arc, the chart's straight line (dashed) is not a geodesic.
-fig = plt.figure(figsize=(6, 6))
+fig = plt.figure(figsize=(6, 6.4))
 ax = fig.add_subplot(projection="3d")
 u, v = np.mgrid[0 : np.pi : 30j, 0 : 2 * np.pi : 60j]
 ax.plot_wireframe(
@@ -81,12 +85,13 @@ def curve(points):
 
 for path in fan:
     ax.plot(*curve(path.points), color="tab:blue", linewidth=1.2)
-ax.plot(*curve(bvp.points), color="tab:red", linewidth=2.5, label="shoot: geodesic w0 → w1")
+ax.plot(*curve(bvp.points), color="tab:red", lw=2.5, label="shoot: geodesic w0 → w1")
 ax.plot(*curve(chart_line), "k--", linewidth=1.5, label="straight line in the chart")
 ax.scatter(*curve([w0, w1]), color="k", s=30)
-ax.set_box_aspect((1, 1, 1))
+ax.set_box_aspect((1, 1, 1), zoom=1.35)
 ax.set_axis_off()
 ax.view_init(elev=20, azim=40)
-ax.legend(loc="lower left")
+ax.legend(loc="upper left")
 ax.set_title("Geodesics of the pullback of the round sphere")
+fig.subplots_adjust(left=0, right=1, bottom=0, top=0.95)
 plt.show()

@@ -10,16 +10,34 @@ BLUE, GREEN, GREY = "#dbe9f6", "#e8f3e1", "#f1f1f1"
 def box(ax, x, y, w, h, title, lines=(), color=GREEN, size=8.4):
     ax.add_patch(
         FancyBboxPatch(
-            (x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc=color, ec="0.3", lw=1
+            (x, y),
+            w,
+            h,
+            boxstyle="round,pad=0.02,rounding_size=0.08",
+            fc=color,
+            ec="0.3",
+            lw=1,
         )
     )
-    ax.text(x + w / 2, y + h - 0.15, title, ha="center", va="top", fontsize=10, weight="bold")
+    ax.text(
+        x + w / 2,
+        y + h - 0.15,
+        title,
+        ha="center",
+        va="top",
+        fontsize=10,
+        weight="bold",
+    )
     for i, line in enumerate(lines):
-        ax.text(x + 0.12, y + h - 0.5 - 0.29 * i, line, ha="left", va="top", fontsize=size)
+        ax.text(
+            x + 0.12, y + h - 0.5 - 0.29 * i, line, ha="left", va="top", fontsize=size
+        )
 
 
 def arrow(ax, a, b, color="0.25"):
-    ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=12, color=color, lw=1.3))
+    ax.add_patch(
+        FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=12, color=color, lw=1.3)
+    )
 
 
 # ---------------------------------------------------------------- layers
@@ -28,7 +46,11 @@ ax.set(xlim=(0, 10), ylim=(0, 6.3))
 ax.axis("off")
 ax.text(0.1, 6.12, "riemfip: what you do with the geometry", fontsize=9, style="italic")
 ax.text(
-    0.1, 3.6, "manifolds: the geometry (imports nothing from riemfip)", fontsize=9, style="italic"
+    0.1,
+    3.6,
+    "manifolds: the geometry (imports nothing from riemfip)",
+    fontsize=9,
+    style="italic",
 )
 box(
     ax,
@@ -94,7 +116,11 @@ box(
     3.1,
     1.45,
     "WeightSpace",
-    [r"egrad2rgrad: $g^{-1}\nabla L$", r"retr: $w + v$; transp: identity", "expmap, logmap, dist"],
+    [
+        r"egrad2rgrad: $g^{-1}\nabla L$",
+        r"retr: $w + v$; transp: identity",
+        "expmap, logmap, dist",
+    ],
 )
 box(
     ax,
@@ -120,8 +146,8 @@ box(
         r"output_metrics: $G = D\phi^\top D\phi$",
         "    euclidean, fisher, bhattacharyya",
         "FlatModule: the net as f(w, x)",
-        "jacobian, linear_jacobian:",
-        "    J exact, factored for Linear",
+        "jacobian, layer_jacobian:",
+        "    J exact, factored per layer",
         r"OutputGram: $K = JJ^\top$, Cholesky",
         "conjugate_gradient, lanczos",
         "SolveResult, Status",
@@ -160,7 +186,10 @@ chain(
         ("anchors", ["rotating batch,", "random neighbours"]),
         ("J at w", ["FlatModule + embed", "factored or autograd"]),
         ("output solve", [r"$(K + \lambda I)^{-1}[J\nabla L,\ r]$", "one Cholesky"]),
-        ("step", [r"$-\eta(\nabla L - J^\top z_1)$", r"$-\gamma J^\top z_2$ (pull-back)"]),
+        (
+            "step",
+            [r"$-\eta(\nabla L - J^\top z_1)$", r"$-\gamma J^\top z_2$ (pull-back)"],
+        ),
         ("certify", ["held-out drift,", "DriftGuard; write w"]),
     ],
     BLUE,

@@ -9,7 +9,9 @@ old, new = split_tasks(mnist_subset(), [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
 net = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
 train_classifier(net, old.x_train, old.y_train, steps=300)
 
-opt = FIP(net.parameters(), model=net, anchor_inputs=old.x_train[:250])  # keep these outputs
+opt = FIP(
+    net.parameters(), model=net, anchor_inputs=old.x_train[:250]
+)  # keep these outputs
 for _ in range(200):
     idx = torch.randint(len(new.x_train), (64,))
     opt.zero_grad()
