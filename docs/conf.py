@@ -48,18 +48,16 @@ exclude_patterns = [
 # -- autodoc / napoleon ------------------------------------------------------------------
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
-napoleon_preprocess_types = True  # "{'a', 'b'}, optional" rendered as literals
-napoleon_use_ivar = (
-    True  # "Attributes" as fields, not as a second description of each member
-)
+# "{'a', 'b'}, optional" rendered as literals; "Attributes" as fields, not as a second
+# description of each member
+napoleon_preprocess_types = True
+napoleon_use_ivar = True
 autodoc_member_order = "bysource"
-autodoc_typehints = (
-    "none"  # the numpy docstrings carry the types; signatures stay short
-)
+# the numpy docstrings carry the types, so signatures stay short
+autodoc_typehints = "none"
 autodoc_default_options = {"members": True, "show-inheritance": True}
-autosummary_generate = False  # the API pages are written by write_api_pages below
-autosummary_ignore_module_all = False  # a module's public names are its __all__
-autosummary_imported_members = False
+# the API pages are written by write_api_pages below; autosummary only draws the tables
+autosummary_generate = False
 
 
 def _public_modules(*packages: str) -> list[str]:
@@ -247,10 +245,8 @@ def _canonical_name(target: str) -> str | None:
         try:
             for attr in parts[i:]:
                 obj = getattr(obj, attr)
-                module, qualname = (
-                    getattr(obj, "__module__", None),
-                    getattr(obj, "__qualname__", None),
-                )
+                module = getattr(obj, "__module__", None)
+                qualname = getattr(obj, "__qualname__", None)
                 if isinstance(module, str) and isinstance(qualname, str) and not rest:
                     home = f"{module}.{qualname}"
                 else:
@@ -272,10 +268,8 @@ def _resolve_reexport(app, env, node, contnode):
     if module:
         candidates += [f"{module}.{cls}.{target}"] if cls else []
         candidates.append(f"{module}.{target}")
-    candidates += [
-        f"manifolds.{target}",
-        f"riemfip.{target}",
-    ]  # a public name, unqualified
+    # last, a public name written unqualified
+    candidates += [f"manifolds.{target}", f"riemfip.{target}"]
     domain = env.get_domain("py")
     for candidate in candidates:
         if not candidate.startswith(("manifolds.", "riemfip.")):
