@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.func import jacfwd, jacrev, jvp, vmap
+from torch.func import jacfwd, jacrev, jvp
 
 from .conjugate_gradient import (
     SolveResult,
@@ -46,6 +46,7 @@ from .conjugate_gradient import (
     solve_tolerance,
     status_of,
 )
+from .dense_acceleration import dense_acceleration
 from .flat import FlatModule
 from .forward_ad import gram_vector_product
 from .gram import OutputGram
@@ -501,43 +502,10 @@ class PullbackMetric:
         return res
 
     def dense_acceleration(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        r""":math:`-g^{-1}J^\top D^2F[v, v]` by dense algebra, as a pure tensor function.
-
-        No checks and no Python-side branching on values, so it can be differentiated
-        and batched by :mod:`torch.func` (``vmap`` of a whole batch of flows, ``jacfwd``
-        for collocation). For small :math:`n` only. :math:`J` and :math:`D^2F[v, v]` come
-        from one batched forward-over-forward JVP in the :math:`n + 1` directions
-        :math:`(e_1, \dots, e_n, v)`. The solve is in weight space (:math:`n \times n`)
-        when :math:`n \le m` or :math:`\lambda = 0` (least squares, so a singular
-        :math:`g` gives the minimum-norm answer), else in output space,
-        :math:`-J^\top (JJ^\top + \lambda I)^{-1} h`.
-        """
-        n = w.numel()
-
-        def inner(x):
-            return jvp(self.embed, (x,), (v,))
-
-        def outer(u):
-            return jvp(inner, (w,), (u,))[1]
-
-        dirs = torch.cat([torch.eye(n, dtype=w.dtype, device=w.device), v.unsqueeze(0)])
-        ju, huv = vmap(outer)(dirs)
-        jac, h = ju[:n].T, huv[n]
-        m = jac.shape[0]
-        lam = self.damping
-        # LAPACK must not see NaN/Inf (lstsq aborts with an internal error on them, which
-        # would end a shooting solve whose trial flow blew up). Solve with finite stand-ins
-        # and let the non-finite values through to the answer instead, where the flow's
-        # own check reports them; no data-dependent branch, so this stays vmap-able.
-        poison = 0.0 * (jac.sum() + h.sum())
-        jac, h = torch.nan_to_num(jac, 0.0, 0.0, 0.0), torch.nan_to_num(h, 0.0, 0.0, 0.0)
-        if n <= m or lam == 0.0:
-            g = jac.T @ jac
-            if lam:
-                g = g + lam * torch.eye(n, dtype=w.dtype, device=w.device)
-            return poison - torch.linalg.lstsq(g, (jac.T @ h).unsqueeze(-1)).solution.squeeze(-1)
-        k = jac @ jac.T + lam * torch.eye(m, dtype=w.dtype, device=w.device)
-        return poison - jac.T @ torch.linalg.solve(k, h)
+        r""":math:`-g^{-1}J^\top D^2F[v, v]` by dense algebra, as a pure tensor function
+        (:func:`~manifolds.dense_acceleration.dense_acceleration`): differentiable and
+        batchable by :mod:`torch.func`, for small :math:`n` only; no checks."""
+        return dense_acceleration(self.embed, self.damping, w, v)
 
 
 def _dense_solve(g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
