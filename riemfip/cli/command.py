@@ -20,7 +20,7 @@ import torch
 from riemfip import __version__
 
 from . import bench, connect, continual, demo, ensemble, sparsify, train
-from .config import RUN_CONTROL, UsageError, config_defaults, read_config
+from .config import RUN_CONTROL, UsageError, check_ranges, config_defaults, read_config
 from .progress import Progress
 from .run_folder import RunFolder
 
@@ -71,6 +71,13 @@ def _add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     )
     run.add_argument("--seed", type=int, default=0, help="random seed")
     run.add_argument("--device", default="cpu", help="torch device")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the networks here are small, and on a busy machine idle "
+        "threads spin and multiply the time",
+    )
     run.add_argument(
         "--config",
         type=Path,
@@ -190,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 argv=argv,
             )
             folder.check()
+            check_ranges(args, at_least={"threads": 1})
+            torch.set_num_threads(args.threads)
             job = module.prepare(args, _device(args.device), progress)
             folder.start()
             outcome = module.execute(job, folder)
