@@ -288,3 +288,31 @@ def test_the_page_renders_its_plots_in_headless_chromium(demo, work):
     # colours only the embedded plots have.
     for rgb in [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14)]:
         assert near(rgb), f"no pixel near {rgb}: the plots did not render"
+
+
+def test_config_values_go_through_the_options_own_checks():
+    from riemfip.cli.command import build_parser
+    from riemfip.cli.config import UsageError, config_defaults
+
+    demo = build_parser()[1]["demo"]
+    table = {"hidden": [8, 4], "bezier-epochs": 2, "damping": 1e-3, "quiet": True}
+    with pytest.raises(UsageError, match="'quiet' is not an option"):
+        config_defaults(demo, table, "f.toml")  # run control stays on the command line
+    del table["quiet"]
+    assert config_defaults(demo, table, "f.toml") == {
+        "hidden": [8, 4],
+        "bezier_epochs": 2,
+        "damping": 1e-3,
+    }
+    for bad, message in [
+        ({"hidden": 8}, "takes an array"),
+        ({"epochs": 1.5}, "invalid value"),
+        ({"epochs": True}, "invalid value"),
+        ({"metric": "kl"}, "is not one of"),
+        ({"tasks": ["0-4", "x"]}, "invalid value"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            config_defaults(demo, bad, "f.toml")
+    assert config_defaults(demo, {"tasks": ["0-2", "3,5"]}, "f.toml") == {
+        "tasks": [[0, 1, 2], [3, 5]]
+    }

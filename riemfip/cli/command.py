@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from riemfip import __version__
+from riemfip.plotting import pyplot
 
 from . import bench, connect, continual, demo, ensemble, sparsify, train
 from .config import RUN_CONTROL, UsageError, check_ranges, config_defaults, read_config
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             check_ranges(args, at_least={"threads": 1})
             torch.set_num_threads(args.threads)
             job = module.prepare(args, _device(args.device), progress)
+            pyplot()  # every run ends with plots: without matplotlib, say so before it starts
             folder.start()
             outcome = module.execute(job, folder)
             folder.finish(outcome)
