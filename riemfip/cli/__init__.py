@@ -17,6 +17,18 @@ ensemble   :func:`~riemfip.applications.robust_ensemble.compare_ensembles`
 bench      cost ratios of the metric-vector product and of a FIP step
 ========== =================================================================
 
+A subcommand module holds ``NAME``, ``SUMMARY``, ``EXAMPLE`` and three functions, which
+:func:`main` calls in order:
+
+``add_arguments(parser)``
+    Its options (the run options ``--out``, ``--seed``, ``--device``, ... are added for it).
+``prepare(args, device, progress) -> job``
+    Reads and checks every input (data, checkpoints, option ranges); writes nothing, so
+    that bad input fails before ``--out`` is touched.
+``execute(job, folder) -> Outcome``
+    The library call(s), checkpointed in ``folder``; the outcome is published by
+    :meth:`RunFolder.finish <riemfip.cli.run_folder.RunFolder.finish>`.
+
 Shared pieces: :mod:`.command` (parser, exit codes, errors), :mod:`.config`
 (``--config FILE.toml``), :mod:`.run_folder` (``--out``, ``--force``, ``--resume``,
 checkpoints, the record), :mod:`.report` (the HTML page), :mod:`.progress`,
