@@ -1,6 +1,7 @@
 """Continual-learning benchmark on the offline MNIST subset: 2-task MNIST and Split-MNIST.
 
-Runs fine-tuning, EWC, experience replay, joint training and FIP (when
+Runs fine-tuning, EWC, experience replay, joint training, GPM (gradient projection
+memory, :mod:`riemfip.applications.gpm`, at its defaults) and FIP (when
 :mod:`riemfip.optim` is available) on
 
 * **2-task MNIST**: digits 0-4, then 5-9;
@@ -41,6 +42,7 @@ from torch import nn
 from riemfip.applications.classifiers import mlp
 from riemfip.applications.continual import run_continual
 from riemfip.applications.continual_methods import EWC, FineTune, FIPMethod, Joint, Replay
+from riemfip.applications.gpm import GPM
 from riemfip.data import load_mnist, split_tasks
 from riemfip.optim import AnchorSampling, GaussianNoise
 from riemfip.plotting import png_figure
@@ -66,6 +68,8 @@ def make_method(name: str, args: argparse.Namespace):
         return Replay()
     if name == "joint":
         return Joint()
+    if name == "gpm":
+        return GPM()
     if name in ("fip", "fip-bare"):
         options = json.loads(args.fip_options)
         if name == "fip" and args.anchor_noise > 0:
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     p.add_argument("--scenarios", nargs="+", default=["task", "class"], choices=["task", "class"])
-    methods = ["finetune", "ewc", "replay", "joint", "fip", "fip-bare", "fip-penalty"]
+    methods = ["finetune", "ewc", "replay", "joint", "gpm", "fip", "fip-bare", "fip-penalty"]
     p.add_argument("--methods", nargs="+", default=methods, choices=methods)
     p.add_argument("--epochs", type=int, default=5, help="epochs per task")
     p.add_argument("--lr", type=float, default=0.05, help="SGD lr of the baselines")

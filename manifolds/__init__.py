@@ -26,6 +26,7 @@ from .flat import FlatModule
 from .geodesic import GeodesicPath, NonFiniteError, expmap_approximation, integrate_geodesic
 from .gram import OutputGram
 from .jacobian import AutogradJacobian, JacobianOperator
+from .kronecker_metric import KroneckerMetric
 from .output_metrics import Bhattacharyya, Euclidean, OutputMetric, SoftmaxFisher, get_output_metric
 from .pullback import PullbackMetric
 from .spectrum import Spectrum, lanczos
@@ -42,6 +43,7 @@ __all__ = [
     "FlatModule",
     "GeodesicPath",
     "JacobianOperator",
+    "KroneckerMetric",
     "NonFiniteError",
     "NotConvergedError",
     "OutputGram",

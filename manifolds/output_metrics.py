@@ -53,6 +53,7 @@ __all__ = [
     "Euclidean",
     "SoftmaxFisher",
     "Bhattacharyya",
+    "Sketched",
     "get_output_metric",
 ]
 
@@ -74,18 +75,20 @@ class OutputMetric:
         r"""Dense :math:`G(y)`, shape ``(*y.shape, C)``; for tests and small problems."""
         raise NotImplementedError
 
-    def embed_samples(self, y: torch.Tensor) -> torch.Tensor:
+    def embed_samples(self, y: torch.Tensor, samples: int | None = None) -> torch.Tensor:
         r"""The embedded outputs of a batch, :math:`F = N^{-1/2}(\phi(y_1), \dots, \phi(y_N))`,
         flat (sample-major), for outputs ``y`` of shape ``(N, ...)`` (the metric acting on the
         last axis; a 0-D or 1-D ``y`` is one sample).
 
         With :math:`J = \partial F/\partial w`, the pullback metric of the batch is
         :math:`\frac1N\sum_b J_b^\top G(y_b) J_b = J^\top J`: this is the one map every
-        pullback computation in :mod:`manifolds` differentiates.
+        pullback computation in :mod:`manifolds` differentiates. ``samples`` is :math:`N` when
+        ``y`` is one of several batches of one metric (default: ``y``'s own length).
         """
         if y.ndim <= 1:
             y = y.reshape(1, -1)
-        return self.embed(y).reshape(-1) * (1.0 / math.sqrt(y.shape[0]))
+        n = y.shape[0] if samples is None else samples
+        return self.embed(y).reshape(-1) * (1.0 / math.sqrt(n))
 
     def divergence(self, y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         r"""Per-sample divergence :math:`D(y, y_0)` with :math:`\partial^2_y D|_{y=y_0} = G(y_0)`.
@@ -153,6 +156,55 @@ class Bhattacharyya(SoftmaxFisher):
     def divergence(self, y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         half = 0.5 * (torch.log_softmax(y, dim=-1) + torch.log_softmax(y0, dim=-1))
         return -torch.logsumexp(half, dim=-1)
+
+
+class Sketched(OutputMetric):
+    r"""An output metric seen through :math:`r` random directions per sample.
+
+    :math:`\phi_S(y_b) = U_b^\top \phi(y_b)` with :math:`U_b` of shape ``(C, r)`` and
+    :math:`\mathbb E[U_b U_b^\top] = I` (entries :math:`\mathcal N(0, 1/r)`), so the pulled-back
+    metric :math:`J^\top S^\top S J` is an unbiased estimate of :math:`J^\top J` with
+    :math:`r` rows per sample instead of :math:`C`: a cheaper, stochastic constraint.
+    ``divergence`` is the base metric's.
+
+    Parameters
+    ----------
+    base : OutputMetric
+        The metric being sketched.
+    directions : torch.Tensor
+        :math:`U`, shape ``(N, C, r)``: one set of directions per sample of the batch
+        this metric is used on.
+    """
+
+    def __init__(self, base: OutputMetric, directions: torch.Tensor):
+        self.base = base
+        self.directions = directions
+        self.name = f"sketched-{base.name}"
+
+    @classmethod
+    def draw(
+        cls,
+        base: OutputMetric,
+        samples: int,
+        width: int,
+        rank: int,
+        generator: torch.Generator,
+        like: torch.Tensor,
+    ) -> Sketched:
+        r"""Fresh Gaussian directions, :math:`\mathcal N(0, 1/r)`, from ``generator``."""
+        u = torch.randn(
+            samples, width, rank, generator=generator, dtype=like.dtype, device=like.device
+        )
+        return cls(base, u / math.sqrt(rank))
+
+    def embed(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nc,ncr->nr", self.base.embed(y), self.directions)
+
+    def divergence(self, y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        return self.base.divergence(y, y0)
+
+    def __repr__(self) -> str:
+        return f"Sketched({self.base!r}, rank={self.directions.shape[-1]})"
 
 
 _REGISTRY = {cls.name: cls for cls in (Euclidean, SoftmaxFisher, Bhattacharyya)}

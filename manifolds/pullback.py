@@ -49,8 +49,8 @@ from .conjugate_gradient import (
 from .flat import FlatModule
 from .forward_ad import gram_vector_product
 from .gram import OutputGram
-from .jacobian import JacobianOperator, jacobian_at
-from .linear_jacobian import linear_jacobian, linear_layers
+from .jacobian import AutogradJacobian, JacobianOperator, jacobian_at
+from .layer_jacobian import module_jacobian
 from .output_metrics import OutputMetric, get_output_metric
 from .spectrum import Spectrum, lanczos
 from .task_data import ModuleOutputs, as_batches, check_module_takes
@@ -162,6 +162,7 @@ class PullbackMetric:
         params: Iterable[torch.Tensor] | None = None,
         output_metric: str | OutputMetric = "euclidean",
         damping: float = 0.0,
+        check_inputs: bool = True,
         **options,
     ) -> PullbackMetric:
         r"""The pullback metric of a network's outputs on ``inputs``.
@@ -179,6 +180,10 @@ class PullbackMetric:
             all, ordered as ``torch.nn.utils.parameters_to_vector(module.parameters())``.
         output_metric, damping, **options
             As for :class:`PullbackMetric`.
+        check_inputs : bool
+            Feed the first batch to the network now, so that inputs it cannot take fail
+            here (:func:`~manifolds.task_data.check_module_takes`); ``False`` for callers
+            that have checked them already (one forward pass saved).
 
         Notes
         -----
@@ -190,7 +195,8 @@ class PullbackMetric:
         """
         flat = module if isinstance(module, FlatModule) else FlatModule(module, params)
         batches = as_batches(inputs)
-        check_module_takes(flat, batches)
+        if check_inputs:
+            check_module_takes(flat, batches)
         metric = cls(
             ModuleOutputs(flat, batches),
             output_metric=output_metric,
@@ -266,19 +272,12 @@ class PullbackMetric:
         return jacobian_at(self.embed, w, self._factored_jacobian)
 
     def _factored_jacobian(self, w: torch.Tensor) -> JacobianOperator | None:
+        """:math:`J` held exactly as layer inputs and output gradients
+        (:mod:`manifolds.layer_jacobian`), or ``None`` where the network's layers do not allow
+        it (or the metric was not built from a module)."""
         if self.module is None:
             return None
-        flat, batches = self.module, self.inputs
-        layers = linear_layers(flat.module, flat.names)
-        if layers is None:
-            return None
-        wp = w.detach().requires_grad_(True)
-        return linear_jacobian(
-            layers,
-            lambda: [flat(wp, x, train=False) for x in batches],
-            self.output_metric,
-            flat.dim,
-        )
+        return module_jacobian(self.module, self.inputs, w, self.output_metric)
 
     def output_gram(self, w: torch.Tensor) -> OutputGram:
         r""":math:`K = JJ^\top` at ``w`` with this metric's :math:`\lambda`, factored on first use
@@ -377,7 +376,7 @@ class PullbackMetric:
         r = self._residual(w, x, b)
         return SolveResult(x, r, 0, status_of(r, tol), method, tol)
 
-    def _solve(self, w, b, method, tol, maxiter, x0) -> SolveResult:
+    def _solve(self, w, b, x0, method, tol, maxiter) -> SolveResult:
         method = self._method(w, method)
         with torch.no_grad():
             if method == "cg":
@@ -439,11 +438,7 @@ class PullbackMetric:
     ) -> SolveResult:
         """:meth:`solve` with its :class:`~manifolds.conjugate_gradient.SolveResult`
         (solution, residual, iterations, status, method)."""
-        w = self.check_point(w)
-        b = self.check_tangent("b", b, w)
-        if x0 is not None:
-            x0 = self.check_tangent("x0", x0, w)
-        return self._solve(w, b, method, tol, maxiter, x0)
+        return self._solve(*self._checked(w, "b", b, x0), method, tol, maxiter)
 
     def acceleration(
         self,
@@ -477,20 +472,26 @@ class PullbackMetric:
         x0: torch.Tensor | None = None,
     ) -> SolveResult:
         """:meth:`acceleration` with its :class:`~manifolds.conjugate_gradient.SolveResult`."""
-        w = self.check_point(w)
-        v = self.check_tangent("v", v, w)
-        if x0 is not None:
-            x0 = self.check_tangent("x0", x0, w)
+        w, v, x0 = self._checked(w, "v", v, x0)
         return self._acceleration(w, v, method, tol, maxiter, x0)
+
+    def _checked(self, w, name, b, x0):
+        """The point, a tangent called ``name`` and an optional warm start, checked."""
+        w = self.check_point(w)
+        b = self.check_tangent(name, b, w)
+        return w, b, None if x0 is None else self.check_tangent("x0", x0, w)
 
     def _acceleration(self, w, v, method=None, tol=None, maxiter=None, x0=None) -> SolveResult:
         method = self._method(w, method)
         with torch.no_grad():
             h = self._second_derivative(w, v)
-            jac = self.jacobian_operator(w)
-            rhs = -jac.vjp(h.unsqueeze(0))[0]  # -J^T h: the acceleration is g^{-1} of it
+            # the output route needs J itself; the others only -J^T h (one reverse pass)
+            jac = (
+                self.jacobian_operator(w) if method == "output" else AutogradJacobian(self.embed, w)
+            )
+            rhs = -jac.vjp(h.unsqueeze(0))[0]  # the acceleration is g^{-1} of it
             if method == "cg":
-                return self._solve(w, rhs, method, tol, maxiter, x0)
+                return self._solve(w, rhs, x0, method, tol, maxiter)
             if method == "dense":
                 a = self.dense_acceleration(w, v)
             else:  # -J^T (K + l I)^{-1} h: no weight-space solve at all

@@ -151,6 +151,16 @@ def test_relative_damping_is_set_from_the_mean_eigenvalue_at_the_start(task):
     jac = PullbackMetric.from_module(net, x, output_metric="fisher").jacobian(flat(net))
     dense = torch.linalg.eigvalsh(jac @ jac.T)
     assert math.isclose(opt.damping_of(), 1e-3 * float(dense.sum()) / jac.shape[0], rel_tol=1e-9)
+    # with more than 64 fit anchors the mean is taken over 64 evenly spread ones
+    many = torch.cat([x, x + 0.1])
+    opt = FIP(net.parameters(), model=net, anchor_inputs=many, anchors=EXACT, damping=1e-2)
+    fit = opt.anchor.fit_inputs
+    assert len(fit) > 64
+    sample = fit[torch.linspace(0, len(fit) - 1, 64).long()]
+    jac = PullbackMetric.from_module(net, sample).jacobian(flat(net))
+    assert math.isclose(
+        opt.damping_of(), 1e-2 * float(jac.pow(2).sum()) / jac.shape[0], rel_tol=1e-9
+    )
 
 
 def test_spectrum_matches_dense_eigenpairs(task):
@@ -702,3 +712,64 @@ def test_protected_share_is_the_soft_projection_of_the_step(task):
     expected = float((proj @ d).norm() / d.norm())
     assert opt.last_info[0].protected_share == pytest.approx(expected, rel=1e-6)
     assert 0 < expected < 1
+
+
+def cnn_problem():
+    """A CNN with BatchNorm (eval, running statistics) and an in-place ReLU, anchors and a
+    new-task batch, float64."""
+    gen = torch.Generator().manual_seed(4)
+    anchors = torch.randn(40, 1, 6, 6, generator=gen, dtype=torch.float64)
+    xb = torch.randn(16, 1, 6, 6, generator=gen, dtype=torch.float64) + 0.5
+    yb = torch.randint(0, CLASSES, (16,), generator=gen)
+    torch.manual_seed(5)
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1, stride=2),
+        nn.BatchNorm2d(3),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, CLASSES),
+    ).double()
+    cnn[1].running_mean.normal_(generator=gen)
+    cnn[1].running_var.uniform_(0.5, 2.0, generator=gen)
+    return cnn, anchors, xb, yb
+
+
+def test_factored_and_autograd_routes_take_the_same_step_on_a_cnn_with_batch_norm(monkeypatch):
+    """The CNN's Jacobian is held in factored form (Conv2d patches, BatchNorm, Linear); FIP's
+    steps on it equal those of the generic autograd route."""
+    cnn, anchors, xb, yb = cnn_problem()
+    metric = PullbackMetric.from_module(cnn, anchors)
+    assert type(metric.jacobian_operator(flat(cnn))).__name__ == "FactoredJacobian"
+    steps = []
+    for route in ("factored", "autograd"):
+        if route == "autograd":
+            monkeypatch.setattr(PullbackMetric, "_factored_jacobian", lambda self, w: None)
+        net = copy.deepcopy(cnn)
+        opt = FIP(net.parameters(), model=net, anchor_inputs=anchors)
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(xb), yb).backward()
+            opt.step()
+        steps.append(flat(net))
+    assert not torch.allclose(steps[0], flat(cnn))
+    assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)
+
+
+def test_a_fip_step_on_a_cnn_moves_held_out_outputs_far_less_than_sgd():
+    """The defining property on a convolutional network: with the defaults, a FIP step changes
+    the outputs on held-out anchors < 1/5 as much as an SGD step of the same length."""
+    cnn, anchors, xb, yb = cnn_problem()
+    net = copy.deepcopy(cnn)
+    opt = FIP(net.parameters(), model=net, anchor_inputs=anchors, lr=0.1)
+    nn.functional.cross_entropy(net(xb), yb).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    w0 = flat(net)
+    opt.step()
+    length = float((flat(net) - w0).norm())
+    assert length > 0
+    net_sgd = copy.deepcopy(cnn)
+    torch.nn.utils.vector_to_parameters(w0 - length * grad / grad.norm(), net_sgd.parameters())
+    held_out = opt.anchor.holdout_inputs
+    fip_change = held_out_change(net.eval(), cnn.eval(), held_out)
+    sgd_change = held_out_change(net_sgd.eval(), cnn.eval(), held_out)
+    assert fip_change < sgd_change / 5, (fip_change, sgd_change)

@@ -76,3 +76,29 @@ def test_flat_module_over_a_group_holds_the_others_fixed():
         FlatModule(net, [net[0].bias, net[0].bias])
     with pytest.raises(ValueError, match="not a parameter of the model"):
         FlatModule(net, [torch.nn.Parameter(torch.zeros(2, dtype=DTYPE))])
+
+
+def test_sketched_metric_is_the_per_sample_projection_and_unbiased(problem):
+    """Sketched(base, U): its Jacobian rows are U_b^T J_b (factored route, dense check), and
+    J_S^T J_S averages to J^T J over draws (E[U U^T] = I)."""
+    from manifolds.output_metrics import Sketched, get_output_metric
+
+    metric, w, jac = problem
+    net, x = metric.module.module, metric.inputs[0]
+    base = get_output_metric("fisher")
+    gen = torch.Generator().manual_seed(0)
+    sk = Sketched.draw(base, 3, 4, 2, gen, w)
+    sketched = PullbackMetric.from_module(net, x, output_metric=sk)
+    op = sketched.jacobian_operator(w)
+    assert type(op).__name__ == "FactoredJacobian"
+    expected = torch.einsum("ncr,ncp->nrp", sk.directions, jac.reshape(3, 4, -1)).reshape(6, -1)
+    torch.testing.assert_close(sketched.jacobian(w), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.gram(), expected @ expected.T, rtol=1e-10, atol=1e-12)
+    g = jac.T @ jac
+    mean = torch.zeros_like(g)
+    draws = 4000
+    for _ in range(draws):
+        u = Sketched.draw(base, 3, 4, 2, gen, w).directions
+        rows = torch.einsum("ncr,ncp->nrp", u, jac.reshape(3, 4, -1)).reshape(6, -1)
+        mean += rows.T @ rows / draws
+    assert float((mean - g).norm() / g.norm()) < 0.05

@@ -58,6 +58,7 @@ from .continual_methods import (
     Memory,
     Replay,
 )
+from .gpm import GPM
 
 __all__ = ["METHODS", "ContinualResult", "forgetting", "make_method", "run_continual"]
 
@@ -68,6 +69,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "replay": Replay,
     "joint": Joint,
     "fip": FIPMethod,
+    "gpm": GPM,
 }
 
 _SCENARIOS = ("task", "class")

@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from manifolds import PullbackMetric, WeightSpace
 from manifolds.flat import FlatModule
-from manifolds.output_metrics import OutputMetric, get_output_metric
+from manifolds.output_metrics import OutputMetric, Sketched, get_output_metric
 
 from .anchor import Anchor, AnchorDrift
 from .policies import AnchorSampling, DriftGuard
@@ -264,11 +264,27 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
             )
         return xt, anchor.frozen_outputs(xt, "transformed anchors")
 
-    def step_metric(self, gi: int, x: torch.Tensor, damping: float) -> PullbackMetric:
-        """The anchor metric of group ``gi`` on anchor inputs ``x`` with damping ``damping``."""
+    def step_metric(
+        self, gi: int, x: torch.Tensor, damping: float, output_metric: OutputMetric | None = None
+    ) -> PullbackMetric:
+        """The anchor metric of group ``gi`` on anchor inputs ``x`` with damping ``damping``
+        (and this optimizer's output metric unless another is given)."""
         return PullbackMetric.from_module(
-            self._groups[gi].flat, x, output_metric=self.output_metric, damping=damping
+            self._groups[gi].flat,
+            x,
+            output_metric=self.output_metric if output_metric is None else output_metric,
+            damping=damping,
+            check_inputs=False,
         )
+
+    def step_output_metric(self, x: torch.Tensor, y0: torch.Tensor) -> OutputMetric:
+        """The output metric of this step: the optimizer's, or a fresh :class:`Sketched` view of
+        it through ``anchors.outputs`` random directions per anchor."""
+        rank = self.sampling.outputs
+        width = self.output_metric.embed(y0[:1]).shape[-1]
+        if rank is None or rank >= width:
+            return self.output_metric
+        return Sketched.draw(self.output_metric, len(x), width, rank, self._generator, y0)
 
     # ------------------------------------------------------------------ drift
     @torch.no_grad()

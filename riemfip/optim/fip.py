@@ -46,8 +46,9 @@ Damping
 :math:`\lambda` is absolute, as in every metric. When FIP builds the anchor metric from a
 model it sets :math:`\lambda = \text{damping}\cdot\operatorname{tr}(JJ^\top)/m` at the
 starting weights (``damping`` relative to the mean eigenvalue of the metric's nonzero
-part, invariant to the scale of the outputs and to the number of anchors) and keeps it
-for the whole run: one metric per run. On a :class:`~manifolds.WeightSpace` parameter the
+part, invariant to the scale of the outputs and to the number of anchors; the mean is
+taken over at most 64 evenly spread fit anchors) and keeps it for the whole run: one
+metric per run. On a :class:`~manifolds.WeightSpace` parameter the
 manifold's metric, with its own :math:`\lambda`, is the anchor metric.
 
 Relation to other methods
@@ -183,7 +184,9 @@ class FIP(PathOptimizer):
             if not lam > 0:
                 raise ValueError("FIP needs an anchor metric with damping > 0")
         else:
-            jac = self.step_metric(gi, group.anchor.fit_inputs, 0.0).jacobian_operator(group.read())
+            fit = group.anchor.fit_inputs
+            sample = fit[torch.linspace(0, len(fit) - 1, min(len(fit), 64)).long().unique()]
+            jac = self.step_metric(gi, sample, 0.0).jacobian_operator(group.read())
             lam = self.param_groups[gi]["damping"] * jac.trace() / jac.embedded.numel()
             if not lam > 0:
                 raise ValueError(
@@ -218,17 +221,18 @@ class FIP(PathOptimizer):
             buf = grad.clone() if buf is None else buf.mul_(param_group["momentum"]).add_(grad)
             state["momentum_buffer"] = buf
             grad = buf
-        metric = self.step_metric(gi, x, lam)
-        gram = metric.output_gram(w)
+        seen = self.step_output_metric(x, y0)
+        gram = self.step_metric(gi, x, lam, seen).output_gram(w)
         jac = gram.jacobian
-        residual = jac.embedded - self.output_metric.embed_samples(y0)
+        residual = jac.embedded - seen.embed_samples(y0)
         # one solve with two right-hand sides: (K + l I)^{-1} [J grad, r]
         z = gram.solve(torch.stack([jac.jvp(grad[None])[0], residual]))
-        pulled = jac.vjp(torch.cat([z, residual[None]]))  # J^T z1, J^T z2, J^T r
+        pulled = jac.vjp(z)  # J^T z1, J^T z2
         direction = grad - pulled[0]
         secondary = -lr * direction
         correction = -self.pullback.strength * pulled[1]
-        cap = lr * max(float(grad.norm()), float(pulled[2].norm()))
+        drift_gradient = float(torch.dot(residual, gram.matrix @ residual).clamp_min(0).sqrt())
+        cap = lr * max(float(grad.norm()), drift_gradient)  # |J^T r| = sqrt(r^T K r)
         cnorm = float(correction.norm())
         if cnorm > cap > 0:
             correction = correction * (cap / cnorm)

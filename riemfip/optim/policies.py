@@ -67,6 +67,12 @@ class AnchorSampling:
         the inputs' own spread; it leaves integer inputs such as token ids alone);
         ``None`` protects the points only. Drift is always measured on the untransformed
         held-out anchors.
+    outputs : int or None
+        Output directions per anchor per step (``None``: all :math:`C`). With
+        :math:`r < C`, each step constrains :math:`r` random combinations of each anchor's
+        embedded outputs (:class:`~manifolds.output_metrics.Sketched`, an unbiased estimate
+        of the metric), so the Jacobian takes :math:`r` instead of :math:`C` backward passes
+        and the output-space system has ``batch`` :math:`\\times r` rows.
     holdout_fraction : float
         Share of the anchor inputs held out to measure drift (when no ``holdout_inputs``
         are given); 0 measures it on the fit anchors.
@@ -79,12 +85,15 @@ class AnchorSampling:
     transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = field(
         default_factory=lambda: ScaledNoise(0.33)
     )
+    outputs: int | None = None
     holdout_fraction: float = 0.2
     seed: int = 0
 
     def __post_init__(self):
         if self.batch is not None:
             object.__setattr__(self, "batch", int(check_number("batch", self.batch, low=1)))
+        if self.outputs is not None:
+            object.__setattr__(self, "outputs", int(check_number("outputs", self.outputs, low=1)))
         if self.transform is not None and not callable(self.transform):
             raise TypeError(f"transform must be callable, got {type(self.transform).__name__}")
         fraction = check_number("holdout_fraction", self.holdout_fraction, low=0, high=1)
