@@ -61,13 +61,15 @@ def prepare(args, device: torch.device, progress: Progress) -> BenchJob:
 def _draw(result: dict, title: str):
     def draw(path):
         names = list(result["ratios"])
+        values = [result["ratios"][n] for n in names]
         with png_figure(path, figsize=(7, 3.2)) as (_, ax):
-            ax.barh(names, [result["ratios"][n] for n in names], color="tab:blue")
-            for i, n in enumerate(names):
-                ax.text(result["ratios"][n], i, f" {result['ratios'][n]:.2f}x", va="center")
+            ax.barh(names, values, color="tab:blue")
+            for i, value in enumerate(values):
+                ax.text(value, i, f" {value:.2f}x", va="center")
             ax.axvline(1.0, color="0.5", lw=1)
-            ax.set_xscale("log")
-            ax.set(xlabel="median CPU-time ratio (log scale)", title=title)
+            ax.set_xlim(0, 1.2 * max(values))
+            ax.set_xlabel("median CPU-time ratio (one thread)")
+            ax.set_title(title, fontsize=9)
             ax.invert_yaxis()
 
     return draw
