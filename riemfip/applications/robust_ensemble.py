@@ -351,6 +351,8 @@ class RobustnessResult(JsonRecord):
     diagnostics : dict
         Per-model extras (e.g. FIP drift, member accuracies).
 
+    Notes
+    -----
     The JSON record (:meth:`to_json`) is tagged ``"application": "robust_ensemble"``.
     """
 

@@ -243,6 +243,8 @@ class SparsifyResult(JsonRecord):
     config : dict
         Everything needed to rerun (architecture, data, budgets, seeds, learning rates).
 
+    Notes
+    -----
     The JSON record (:meth:`to_json`) is tagged ``"application": "sparsify"``.
     """
 
