@@ -2,4 +2,5 @@
 
 from riemfip.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # importing the module (doctest discovery, autodoc) runs nothing
+    raise SystemExit(main())

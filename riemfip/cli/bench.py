@@ -23,12 +23,16 @@ from .networks import add_network_arguments, build_network, describe, network_sp
 from .progress import Progress
 from .run_folder import Figure, Outcome, RunFolder
 
+#: The subcommand: ``riemfip bench``.
 NAME = "bench"
+#: Its line in ``riemfip --help``.
 SUMMARY = "cost ratios: metric-vector product vs forward+backward, FIP step vs SGD step"
+#: The example under ``riemfip bench --help``.
 EXAMPLE = "riemfip bench --hidden 300 100 --batch 128 --anchors 250 --out runs/bench"
 
 
 def add_arguments(parser) -> None:
+    """The options of ``riemfip bench`` (the run options are added for it)."""
     add_data_arguments(parser)
     add_network_arguments(parser, hidden=(300, 100))
     group = parser.add_argument_group("timing")
@@ -48,6 +52,7 @@ class BenchJob:
 
 
 def prepare(args, device: torch.device, progress: Progress) -> BenchJob:
+    """Read and check its inputs (the data, the batch and anchor sizes); writes nothing."""
     check_ranges(args, at_least={"repeats": 1, "inner": 1})
     data = load_dataset(data_spec(args.data, args.data_root), device)
     if args.batch < 1 or args.anchors < 2 or args.batch + args.anchors > len(data.x_train):
@@ -76,6 +81,7 @@ def _draw(result: dict, title: str):
 
 
 def execute(job: BenchJob, folder: RunFolder) -> Outcome:
+    """Time the four operations; the ratios and their plot, to publish."""
     a, x, y = job.args, job.data.x_train, job.data.y_train
     with folder.stage("timing", f"{describe(job.network)}, batch {a.batch}", seed=a.seed):
         net: nn.Module = build_network(job.network).to(x.device)

@@ -34,10 +34,14 @@ from .networks import describe, load_network, same_architecture
 from .progress import Progress
 from .run_folder import Figure, Outcome, RunFolder
 
+#: The output metrics ``--metric`` offers.
 METRICS = ("fisher", "bhattacharyya", "euclidean")
 
+#: The subcommand: ``riemfip connect``.
 NAME = "connect"
+#: Its line in ``riemfip --help``.
 SUMMARY = "the geodesic between two network checkpoints, against the line and a Bezier curve"
+#: The example under ``riemfip connect --help``.
 EXAMPLE = "riemfip connect runs/net0/model.pt runs/net1/model.pt --anchors 256 --out runs/geodesic"
 
 
@@ -60,6 +64,7 @@ def add_path_arguments(parser) -> None:
 
 
 def add_arguments(parser) -> None:
+    """The options of ``riemfip connect`` (the run options are added for it)."""
     parser.add_argument("a", type=Path, metavar="A.pt", help="first network (riemfip train)")
     parser.add_argument("b", type=Path, metavar="B.pt", help="second network, same architecture")
     add_data_arguments(parser, default=None)
@@ -98,6 +103,7 @@ class ConnectJob:
 
 
 def prepare(args, device: torch.device, progress: Progress) -> ConnectJob:
+    """Read both networks and the data and check that they fit together; writes nothing."""
     net_a, saved_a = load_network(args.a, device)
     net_b, saved_b = load_network(args.b, device)
     same_architecture(args.a, saved_a["network"], args.b, saved_b["network"])
@@ -243,6 +249,7 @@ def path_outcome_parts(report, path: GeodesicPath) -> tuple[list[Figure], list[t
 
 
 def execute(job: ConnectJob, folder: RunFolder) -> Outcome:
+    """The geodesic, the Bézier curve and their comparison, checkpointed in ``folder``; what to publish."""
     report, path = connect_paths(folder, job.net_a, job.net_b, job.data, job.options)
     figures, tables = path_outcome_parts(report, path)
     geo = geodesic_numbers(path)

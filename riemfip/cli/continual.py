@@ -25,8 +25,11 @@ from .networks import add_network_arguments, build_network, describe, network_sp
 from .progress import Progress
 from .run_folder import Figure, Outcome, RunFolder
 
+#: The subcommand: ``riemfip continual``.
 NAME = "continual"
+#: Its line in ``riemfip --help``.
 SUMMARY = "continual learning on a task split: FIP against fine-tuning, replay, EWC, joint"
+#: The example under ``riemfip continual --help``.
 EXAMPLE = "riemfip continual --tasks 0-1 2-3 4-5 6-7 8-9 --methods fip replay ewc --out runs/split"
 
 
@@ -79,6 +82,7 @@ def add_continual_arguments(parser, *, methods=("fip", "finetune", "replay")) ->
 
 
 def add_arguments(parser) -> None:
+    """The options of ``riemfip continual`` (the run options are added for it)."""
     add_data_arguments(parser)
     add_network_arguments(parser)
     add_continual_arguments(parser)
@@ -113,6 +117,7 @@ def prepare_tasks(args, data: Dataset) -> list[Dataset]:
 
 
 def prepare(args, device: torch.device, progress: Progress) -> ContinualJob:
+    """Read the data and split it into tasks, checking the options; writes nothing."""
     data = load_dataset(data_spec(args.data, args.data_root), device)
     tasks = prepare_tasks(args, data)
     return ContinualJob(tasks, network_spec(args.hidden, args.activation, data), args)
@@ -221,6 +226,7 @@ def continual_outcome_parts(results, scenario: str) -> tuple[list[Figure], list[
 
 
 def execute(job: ContinualJob, folder: RunFolder) -> Outcome:
+    """One continual run per method, checkpointed in ``folder``; what to publish."""
     results = run_methods(folder, job.tasks, job.network, job.args)
     figures, tables = continual_outcome_parts(results, job.args.scenario)
     summary = continual_summary(results)

@@ -3,11 +3,15 @@
 :func:`cost_ratios` times, in CPU time (:func:`time.process_time`) on one thread, on one
 batch of a network:
 
-``forward+backward``  the cross-entropy's forward and backward pass (the reference);
-``metric-vector``     ``PullbackMetric.matvec(w, v)``, g(w)v by one JVP and one VJP;
-``SGD step``          zero_grad, forward, backward, ``torch.optim.SGD.step``;
-``FIP step``          the same with :class:`riemfip.optim.FIP` (its default settings,
-                      anchored on other inputs).
+``forward+backward``
+    the cross-entropy's forward and backward pass (the reference);
+``metric-vector``
+    ``PullbackMetric.matvec(w, v)``, g(w)v by one JVP and one VJP;
+``SGD step``
+    zero_grad, forward, backward, ``torch.optim.SGD.step``;
+``FIP step``
+    the same with :class:`riemfip.optim.FIP` (its default settings, anchored on other
+    inputs).
 
 Each repeat runs the four in a fresh random order, each ``inner`` times in a row; a
 ratio is the median over repeats of the ratio within a repeat, so that the load of a

@@ -21,6 +21,7 @@ from .config import UsageError
 
 __all__ = ["DATASETS", "add_data_arguments", "data_spec", "load_dataset"]
 
+#: What ``--data`` offers.
 DATASETS = ("mnist-5k", "digits", "mnist", "cifar10", "cifar100")
 _NEEDS_ROOT = ("mnist", "cifar10", "cifar100")
 

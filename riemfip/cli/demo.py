@@ -24,12 +24,16 @@ from .networks import add_network_arguments
 from .progress import Progress
 from .run_folder import Outcome, RunFolder
 
+#: The subcommand: ``riemfip demo``.
 NAME = "demo"
+#: Its line in ``riemfip --help``.
 SUMMARY = "the main job: a geodesic between two networks, and FIP continual learning"
+#: The example under ``riemfip demo --help``.
 EXAMPLE = "riemfip demo --out riemfip-demo && xdg-open riemfip-demo/report.html"
 
 
 def add_arguments(parser) -> None:
+    """The options of ``riemfip demo`` (the run options are added for it)."""
     add_data_arguments(parser)
     add_network_arguments(parser)
     train.add_training_arguments(parser)
@@ -47,6 +51,7 @@ class DemoJob:
 
 
 def prepare(args, device: torch.device, progress: Progress) -> DemoJob:
+    """Read the data and check every option; writes nothing."""
     spec = data_spec(args.data, args.data_root)
     data = load_dataset(spec, device)
     job = train.TrainJob.from_args(args, data, spec)
@@ -55,6 +60,7 @@ def prepare(args, device: torch.device, progress: Progress) -> DemoJob:
 
 
 def execute(job: DemoJob, folder: RunFolder) -> Outcome:
+    """The two networks, the paths between them and the continual runs, checkpointed in ``folder``; what to publish."""
     a = job.args
     net_a, numbers_a = train.train_network(folder, job.train, "net_a.pt")
     net_b, numbers_b = train.train_network(

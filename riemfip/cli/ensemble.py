@@ -23,12 +23,16 @@ from .networks import add_network_arguments, build_network, describe, network_sp
 from .progress import Progress
 from .run_folder import Figure, Outcome, RunFolder
 
+#: The subcommand: ``riemfip ensemble``.
 NAME = "ensemble"
+#: Its line in ``riemfip --help``.
 SUMMARY = "adversarial robustness: FIP ensemble against independent networks"
+#: The example under ``riemfip ensemble --help``.
 EXAMPLE = "riemfip ensemble --size 5 --eps 0.05 0.1 0.15 --out runs/ensemble"
 
 
 def add_arguments(parser) -> None:
+    """The options of ``riemfip ensemble`` (the run options are added for it)."""
     add_data_arguments(parser)
     add_network_arguments(parser)
     group = parser.add_argument_group("ensembles and attacks")
@@ -57,6 +61,7 @@ class EnsembleJob:
 
 
 def prepare(args, device: torch.device, progress: Progress) -> EnsembleJob:
+    """Read the data and check the options; writes nothing."""
     minimums = {
         "size": 2,
         "epochs": 1,
@@ -78,6 +83,7 @@ def prepare(args, device: torch.device, progress: Progress) -> EnsembleJob:
 
 
 def execute(job: EnsembleJob, folder: RunFolder) -> Outcome:
+    """The ensembles, built and checkpointed in ``folder``, under attack; what to publish."""
     a = job.args
     steps = a.epochs * math.ceil(len(job.data.x_train) / a.batch_size)
     with folder.stage("ensembles", f"{a.size} x {describe(job.network)}", seed=a.seed):

@@ -23,12 +23,16 @@ from .networks import describe, load_network
 from .progress import Progress
 from .run_folder import Figure, Outcome, RunFolder
 
+#: The subcommand: ``riemfip sparsify``.
 NAME = "sparsify"
+#: Its line in ``riemfip --help``.
 SUMMARY = "prune a network along a FIP, against magnitude pruning and fine-tuning"
+#: The example under ``riemfip sparsify --help``.
 EXAMPLE = "riemfip sparsify runs/net0/model.pt --sparsities 0.9 0.95 0.98 --out runs/sparse"
 
 
 def add_arguments(parser) -> None:
+    """The options of ``riemfip sparsify`` (the run options are added for it)."""
     parser.add_argument("model", type=Path, metavar="MODEL.pt", help="a network (riemfip train)")
     add_data_arguments(parser, default=None)
     group = parser.add_argument_group("pruning")
@@ -56,6 +60,7 @@ class SparsifyJob:
 
 
 def prepare(args, device: torch.device, progress: Progress) -> SparsifyJob:
+    """Read the network and its data and check the options; writes nothing."""
     net, saved = load_network(args.model, device)
     spec = saved["data"] if args.data is None else data_spec(args.data, args.data_root)
     data = load_dataset(spec, device)
@@ -70,6 +75,7 @@ def prepare(args, device: torch.device, progress: Progress) -> SparsifyJob:
 
 
 def execute(job: SparsifyJob, folder: RunFolder) -> Outcome:
+    """The sparsity sweep, checkpointed in ``folder``; what to publish."""
     a = job.args
     detail = f"{describe(job.network)}, {len(a.methods)} methods x {len(a.sparsities)} sparsities"
     with folder.stage("sparsify", detail, seed=a.seed):

@@ -22,12 +22,16 @@ from .networks import add_network_arguments, build_network, describe, network_sp
 from .progress import Progress
 from .run_folder import Figure, Outcome, RunFolder
 
+#: The subcommand: ``riemfip train``.
 NAME = "train"
+#: Its line in ``riemfip --help``.
 SUMMARY = "train a network and save a checkpoint"
+#: The example under ``riemfip train --help``.
 EXAMPLE = "riemfip train --data mnist-5k --hidden 100 100 --epochs 10 --seed 1 --out runs/net1"
 
 
 def add_arguments(parser) -> None:
+    """The options of ``riemfip train`` (the run options are added for it)."""
     add_data_arguments(parser)
     add_network_arguments(parser)
     add_training_arguments(parser)
@@ -60,6 +64,7 @@ class TrainJob:
 
 
 def prepare(args, device: torch.device, progress: Progress) -> TrainJob:
+    """Read the data and check the options; writes nothing."""
     spec = data_spec(args.data, args.data_root)
     return TrainJob.from_args(args, load_dataset(spec, device), spec)
 
@@ -127,6 +132,7 @@ def _plot_classes(per_class: dict[int, float], title: str):
 
 
 def execute(job: TrainJob, folder: RunFolder) -> Outcome:
+    """The trained network, saved as ``model.pt``; what to publish."""
     net, numbers = train_network(folder, job, "model.pt")
     per_class = class_accuracy(net, job.data)
     title = f"{numbers['network']} on {job.data.name}"
