@@ -248,11 +248,12 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(demo, work):
 def test_sigint_saves_and_exits_then_resume_ends_as_uninterrupted(demo, work):
     out = work / "interrupted"
     args = ("demo", "--config", work / "small.toml", "--out", out)
-    proc = start(*args)
-    first = out / "checkpoints" / "net_b.pt"  # then the geodesic's 20 rounds remain
+    proc = start(*args, env={"RIEMFIP_WAIT_AFTER": "2"})  # waits after its 2nd checkpoint
+    waiting = out / "checkpoints" / "waiting"
     deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not waiting.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert waiting.exists(), "the run never reached its second checkpoint"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]

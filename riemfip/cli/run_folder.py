@@ -25,7 +25,9 @@ Rules:
 * The record, the plots and the page are published at the end, by :meth:`RunFolder.finish`.
 
 For tests, ``RIEMFIP_STOP_AFTER=k`` in the environment stops a run with
-:class:`KeyboardInterrupt` (as Ctrl-C would) right after its k-th checkpoint.
+:class:`KeyboardInterrupt` (as Ctrl-C would) right after its k-th checkpoint, and
+``RIEMFIP_WAIT_AFTER=k`` makes it wait there (up to two minutes, with a ``waiting`` file in
+its checkpoint folder while it does) for a real signal.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = ["Figure", "Outcome", "RunFolder", "versions"]
 STATE = "checkpoints"
 RUN_FILE = "run.json"
 STOP_AFTER = "RIEMFIP_STOP_AFTER"
+WAIT_AFTER = "RIEMFIP_WAIT_AFTER"
 
 
 @dataclass
@@ -157,6 +160,7 @@ class RunFolder:
         self._checkpoints = 0
         self._files: set[str] = set()
         self._stop_after = int(os.environ.get(STOP_AFTER, "0") or 0)
+        self._wait_after = int(os.environ.get(WAIT_AFTER, "0") or 0)
         self._clock0 = _clock()
         self._date0 = datetime.datetime.now(datetime.timezone.utc)
 
@@ -232,6 +236,13 @@ class RunFolder:
         self._checkpoints += 1
         if self._stop_after and self._checkpoints >= self._stop_after:
             raise KeyboardInterrupt(f"{STOP_AFTER}={self._stop_after}")
+        if self._wait_after and self._checkpoints == self._wait_after:
+            marker = self.state / "waiting"
+            marker.touch()
+            try:
+                time.sleep(120)
+            finally:
+                marker.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def stage(self, name: str, detail: str = "", *, seed: int | None = None) -> Iterator[None]:
