@@ -1,4 +1,5 @@
-r"""Pruning along a functionally invariant path: the FIP route of :mod:`riemfip.applications.sparsify`.
+r"""Pruning along a functionally invariant path: the FIP route of
+:mod:`riemfip.applications.sparsify`.
 
 The FIP route starts from the authors' sparsification code (design notes §2):
 at every step the target is the current network with its smallest-magnitude
