@@ -272,6 +272,105 @@ def _members_cached(
     return members, diagnostics
 
 
+def _build_classifiers(
+    make_model: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: dict,
+    checkpoint_dir: str | Path | None,
+    progress: bool,
+    *,
+    size: int,
+    train_steps: int,
+    steps_per_member: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    adversarial_training: AttackConfig | None,
+) -> tuple[dict[str, nn.Module | list[nn.Module]], dict, dict]:
+    """The classifiers :func:`compare_ensembles` attacks, each ensemble built on ``x, y`` or
+    read back from ``checkpoint_dir``; with the FIP path's diagnostics and the wall time of
+    each build (``seconds``). The keyword arguments are :func:`compare_ensembles`'s."""
+    common = {"size": size, "batch_size": batch_size, "seed": seed, "progress": progress}
+    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
+    seconds: dict = {}
+
+    def cached(file: str, key: dict, build, timing: str) -> tuple[list[nn.Module], dict]:
+        t0 = time.perf_counter()
+        path = None if checkpoint_dir is None else Path(checkpoint_dir) / file
+        out = _members_cached(path, key, make_model, x, build)
+        seconds[timing] = time.perf_counter() - t0
+        return out
+
+    def trained(adversarial: AttackConfig | None) -> tuple[list[nn.Module], dict]:
+        members = independent_ensemble(
+            make_model, x, y, steps=train_steps, lr=lr, adversarial=adversarial, **common
+        )
+        return members, {}
+
+    independent, _ = cached("independent.pt", train_key, lambda: trained(None), "independent")
+    fip_members, fip_diag = cached(
+        "fip.pt",
+        {**train_key, "steps_per_member": steps_per_member, **settings},
+        lambda: fip_ensemble(
+            independent[0], x, y, steps_per_member=steps_per_member, **common, **settings
+        ),
+        "fip_path",
+    )
+    classifiers = {"single": independent[0], "independent": independent, "fip": fip_members}
+    if adversarial_training is not None:
+        classifiers["independent-adv"], _ = cached(
+            "independent_adversarial.pt",
+            {**train_key, "adversarial": adversarial_training.to_dict()},
+            lambda: trained(adversarial_training),
+            "independent_adversarial",
+        )
+    return classifiers, fip_diag, seconds
+
+
+def _comparison_config(
+    data,
+    attacks: list[AttackConfig],
+    settings: dict,
+    config: dict | None,
+    *,
+    size: int,
+    train_steps: int,
+    steps_per_member: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    adversarial_training: AttackConfig | None,
+) -> dict:
+    """The ``config`` of :func:`compare_ensembles`'s record: budgets, FIP settings, attacks,
+    data, seeds, and the caller's ``config`` entries."""
+    return {
+        "size": size,
+        "member_training": {
+            "optimizer": "adam",
+            "lr": lr,
+            "steps": train_steps,
+            "batch_size": batch_size,
+            "seeds": [seed + i for i in range(size)],
+        },
+        "fip": {
+            "steps_per_member": steps_per_member,
+            "path_steps": (size - 1) * steps_per_member,
+            "training_steps_total": train_steps + (size - 1) * steps_per_member,
+            **settings,
+        },
+        "independent_training_steps_total": size * train_steps,
+        "adversarial_training": None
+        if adversarial_training is None
+        else {**adversarial_training.to_dict(), "steps_per_member": train_steps},
+        "attacks": [a.to_dict() for a in attacks],
+        "threat_model": "white-box L-inf on the ensemble's mean softmax, inputs clipped to [0, 1]",
+        "data": data.describe(),
+        "seed": seed,
+        **(config or {}),
+    }
+
+
 def compare_ensembles(
     make_model: Callable[[], nn.Module],
     data,
@@ -333,76 +432,22 @@ def compare_ensembles(
     check_dataset(data)
     settings = _fip_settings(fip_settings)
     attacks = list(attacks)
-    x, y = data.x_train, data.y_train
-    common = {"size": size, "batch_size": batch_size, "seed": seed, "progress": progress}
-    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
-    seconds: dict = {}
-
-    def cached(file: str, key: dict, build, timing: str) -> tuple[list[nn.Module], dict]:
-        t0 = time.perf_counter()
-        path = None if checkpoint_dir is None else Path(checkpoint_dir) / file
-        out = _members_cached(path, key, make_model, x, build)
-        seconds[timing] = time.perf_counter() - t0
-        return out
-
-    def trained(adversarial: AttackConfig | None) -> tuple[list[nn.Module], dict]:
-        members = independent_ensemble(
-            make_model, x, y, steps=train_steps, lr=lr, adversarial=adversarial, **common
-        )
-        return members, {}
-
-    independent, _ = cached("independent.pt", train_key, lambda: trained(None), "independent")
-    fip_members, fip_diag = cached(
-        "fip.pt",
-        {**train_key, "steps_per_member": steps_per_member, **settings},
-        lambda: fip_ensemble(
-            independent[0], x, y, steps_per_member=steps_per_member, **common, **settings
-        ),
-        "fip_path",
-    )
-    classifiers = {"single": independent[0], "independent": independent, "fip": fip_members}
-    if adversarial_training is not None:
-        classifiers["independent-adv"], _ = cached(
-            "independent_adversarial.pt",
-            {**train_key, "adversarial": adversarial_training.to_dict()},
-            lambda: trained(adversarial_training),
-            "independent_adversarial",
-        )
-
-    t0 = time.perf_counter()
-    rows = evaluate_robustness(
-        classifiers,
-        data.x_test,
-        data.y_test,
-        attacks,
-        progress=progress,
-    )
-    seconds["attacks"] = time.perf_counter() - t0
-    cfg = {
+    budget = {
         "size": size,
-        "member_training": {
-            "optimizer": "adam",
-            "lr": lr,
-            "steps": train_steps,
-            "batch_size": batch_size,
-            "seeds": [seed + i for i in range(size)],
-        },
-        "fip": {
-            "steps_per_member": steps_per_member,
-            "path_steps": (size - 1) * steps_per_member,
-            "training_steps_total": train_steps + (size - 1) * steps_per_member,
-            **settings,
-        },
-        "independent_training_steps_total": size * train_steps,
-        "adversarial_training": None
-        if adversarial_training is None
-        else {**adversarial_training.to_dict(), "steps_per_member": train_steps},
-        "attacks": [a.to_dict() for a in attacks],
-        "threat_model": "white-box L-inf on the ensemble's mean softmax, inputs clipped to [0, 1]",
-        "data": data.describe(),
+        "train_steps": train_steps,
+        "steps_per_member": steps_per_member,
+        "lr": lr,
+        "batch_size": batch_size,
         "seed": seed,
-        **(config or {}),
+        "adversarial_training": adversarial_training,
     }
+    classifiers, fip_diag, seconds = _build_classifiers(
+        make_model, data.x_train, data.y_train, settings, checkpoint_dir, progress, **budget
+    )
+    t0 = time.perf_counter()
+    rows = evaluate_robustness(classifiers, data.x_test, data.y_test, attacks, progress=progress)
+    seconds["attacks"] = time.perf_counter() - t0
+    cfg = _comparison_config(data, attacks, settings, config, **budget)
     diagnostics = {
         "member_clean_accuracy": {
             name: [accuracy(m, data.x_test, data.y_test) for m in classifiers[name]]
