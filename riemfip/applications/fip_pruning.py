@@ -163,8 +163,6 @@ def fip_prune(
         (held-out anchor divergence and arg-max agreement with the dense network at
         the path's end) and the ``mode`` of the FIP step.
     """
-    from riemfip.optim import path_optimizer
-
     sparsity = _check_sparsity(sparsity)
     check_labelled(x, y, name="training data")
     if not (isinstance(steps, int) and isinstance(fip_steps, int) and 0 <= fip_steps <= steps):
@@ -177,29 +175,13 @@ def fip_prune(
     with torch.no_grad():
         diagnostics["penalty_start"] = float(pruning_penalty(net, sparsity))
     if fip_steps:
-        options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
-        opt = path_optimizer(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
-        sched = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, fip_steps)
-            if lr_schedule == "cosine"
-            else None
-        )
-        batches = minibatches(len(x), batch_size, fip_steps, seed=seed + 1, device=x.device)
-        for idx in tqdm(
-            batches, total=fip_steps, disable=not progress, desc="FIP prune", leave=False
-        ):
-            opt.zero_grad()
-            pruning_objective(net, sparsity, x[idx], penalty_weight=penalty_weight).backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-        drift = opt.anchor_drift()
         diagnostics.update(
-            drift_divergence=drift.divergence,
-            drift_agreement=drift.agreement,
-            mode=options.get("mode", "natural"),
-        )
-        opt.zero_grad()
+            _walk_pruning_path(
+                net, sparsity, x, anchor, fip_steps=fip_steps, lr=lr, lr_schedule=lr_schedule,
+                penalty_weight=penalty_weight, batch_size=batch_size, seed=seed,
+                fip_options=fip_options, progress=progress,
+            )
+        )  # fmt: skip
     with torch.no_grad():
         diagnostics["penalty_end"] = float(pruning_penalty(net, sparsity))
     apply_masks(net, global_magnitude_mask(net, sparsity))
@@ -208,3 +190,46 @@ def fip_prune(
         net, x, y, steps=steps - fip_steps, lr=finetune_lr, batch_size=batch_size, seed=seed
     )
     return net, diagnostics
+
+
+def _walk_pruning_path(
+    net: nn.Module,
+    sparsity: float,
+    x: torch.Tensor,
+    anchor: torch.Tensor,
+    *,
+    fip_steps: int,
+    lr: float,
+    lr_schedule: str,
+    penalty_weight: float,
+    batch_size: int,
+    seed: int,
+    fip_options: dict | None,
+    progress: bool,
+) -> dict:
+    """The path of :func:`fip_prune`: ``fip_steps`` FIP steps of ``net`` (in place) down
+    :func:`pruning_objective`, the outputs on ``anchor`` kept. Returns the drift at the
+    path's end and the ``mode`` of the step (the arguments are :func:`fip_prune`'s)."""
+    from riemfip.optim import path_optimizer
+
+    options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
+    opt = path_optimizer(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, fip_steps)
+        if lr_schedule == "cosine"
+        else None
+    )
+    batches = minibatches(len(x), batch_size, fip_steps, seed=seed + 1, device=x.device)
+    for idx in tqdm(batches, total=fip_steps, disable=not progress, desc="FIP prune", leave=False):
+        opt.zero_grad()
+        pruning_objective(net, sparsity, x[idx], penalty_weight=penalty_weight).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    drift = opt.anchor_drift()
+    opt.zero_grad()
+    return {
+        "drift_divergence": drift.divergence,
+        "drift_agreement": drift.agreement,
+        "mode": options.get("mode", "natural"),
+    }
