@@ -219,12 +219,7 @@ def sparsify_sweep(
         [],
         cfg,
     )
-    done: list[SparsifyRow] = []
-    if checkpoint is not None and Path(checkpoint).is_file():
-        saved = SparsifyResult.from_json(checkpoint)
-        same = json.loads(json.dumps(cfg)) == saved.config
-        if same and math.isclose(saved.dense_test_accuracy, result.dense_test_accuracy):
-            done = saved.rows
+    done = _saved_rows(checkpoint, cfg, result.dense_test_accuracy)
     jobs = [(m, s) for s in sparsities for m in methods]
     for method, s in tqdm(jobs, disable=not progress, desc="sparsify", leave=False):
         prior = [r for r in done if r.method == method and math.isclose(r.target_sparsity, s)]
@@ -232,23 +227,54 @@ def sparsify_sweep(
             result.rows.append(prior[0])
             continue
         t0 = time.perf_counter()
-        extra: dict = {}
-        x, y, common = data.x_train, data.y_train, {"batch_size": batch_size, "seed": seed}
-        if method == "magnitude":
-            pruned, used = one_shot_prune(model, s), 0
-        elif method == "magnitude+finetune":
-            pruned, used = (
-                prune_finetune(model, s, x, y, steps=steps, lr=finetune_lr, **common),
-                steps,
-            )
-        else:
-            pruned, extra = fip_prune(
-                model, s, x, y, steps=steps, fip_steps=fip_steps, finetune_lr=finetune_lr,
-                **common, **(fip_settings or {}),
-            )  # fmt: skip
-            used = steps
+        pruned, used, extra = _prune(
+            method, model, s, data, steps=steps, fip_steps=fip_steps, finetune_lr=finetune_lr,
+            batch_size=batch_size, seed=seed, fip_settings=fip_settings,
+        )  # fmt: skip
         extra["seconds"] = time.perf_counter() - t0
         result.rows.append(evaluate_row(method, s, pruned, data, used, extra))
         if checkpoint is not None:
             result.to_json(checkpoint)
     return result
+
+
+def _saved_rows(
+    checkpoint: str | Path | None, cfg: dict, dense_test_accuracy: float
+) -> list[SparsifyRow]:
+    """The rows of the sweep saved at ``checkpoint`` when it ran with the same ``cfg`` and
+    dense accuracy, else none."""
+    done: list[SparsifyRow] = []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = SparsifyResult.from_json(checkpoint)
+        same = json.loads(json.dumps(cfg)) == saved.config
+        if same and math.isclose(saved.dense_test_accuracy, dense_test_accuracy):
+            done = saved.rows
+    return done
+
+
+def _prune(
+    method: str,
+    model: nn.Module,
+    sparsity: float,
+    data,
+    *,
+    steps: int,
+    fip_steps: int,
+    finetune_lr: float,
+    batch_size: int,
+    seed: int,
+    fip_settings: dict | None,
+) -> tuple[nn.Module, int, dict]:
+    """``model`` pruned to ``sparsity`` by ``method``, the optimizer steps that took, and the
+    method's diagnostics (the arguments are :func:`sparsify_sweep`'s)."""
+    x, y, common = data.x_train, data.y_train, {"batch_size": batch_size, "seed": seed}
+    if method == "magnitude":
+        return one_shot_prune(model, sparsity), 0, {}
+    if method == "magnitude+finetune":
+        pruned = prune_finetune(model, sparsity, x, y, steps=steps, lr=finetune_lr, **common)
+        return pruned, steps, {}
+    pruned, extra = fip_prune(
+        model, sparsity, x, y, steps=steps, fip_steps=fip_steps, finetune_lr=finetune_lr,
+        **common, **(fip_settings or {}),
+    )  # fmt: skip
+    return pruned, steps, extra
