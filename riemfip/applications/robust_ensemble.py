@@ -182,8 +182,6 @@ def fip_ensemble(
         ``path_steps``, and per sampled member its anchor drift (mean divergence,
         arg-max agreement) and the secondary loss at the sample.
     """
-    from riemfip.optim import path_optimizer
-
     if not isinstance(start, nn.Module):
         raise TypeError(f"start must be a torch.nn.Module, got {type(start).__name__}")
     if not isinstance(size, int) or size < 1:
@@ -195,11 +193,43 @@ def fip_ensemble(
     check_labelled(x, y, name="training data")
     anchor = random_anchor(x, anchor_size, seed)
     members = [copy.deepcopy(start).eval()]
-    net = copy.deepcopy(start)
+    total = (size - 1) * steps_per_member
+    samples = _walk_ensemble_path(
+        copy.deepcopy(start), members, x, y, anchor, total=total,
+        steps_per_member=steps_per_member, objective=objective, eps=eps,
+        attack_steps=attack_steps, lr=lr, batch_size=batch_size, seed=seed,
+        fip_options=fip_options, progress=progress,
+    )  # fmt: skip
+    return members, {"path_steps": total, "members": samples}
+
+
+def _walk_ensemble_path(
+    net: nn.Module,
+    members: list[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    anchor: torch.Tensor,
+    *,
+    total: int,
+    steps_per_member: int,
+    objective: str,
+    eps: float,
+    attack_steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    fip_options: dict | None,
+    progress: bool,
+) -> list[dict]:
+    """The path of :func:`fip_ensemble`: ``total`` FIP steps of ``net`` (in place) down
+    :func:`diversification_loss`, the outputs on ``anchor`` kept, a copy appended to
+    ``members`` every ``steps_per_member`` steps. Returns each sample's diagnostics (the
+    arguments are :func:`fip_ensemble`'s)."""
+    from riemfip.optim import path_optimizer
+
     options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
     opt = path_optimizer(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
-    total = (size - 1) * steps_per_member
-    diagnostics: dict = {"path_steps": total, "members": []}
+    samples: list[dict] = []
     batches = minibatches(len(x), batch_size, total, seed=seed + 1, device=x.device)
     for k, idx in enumerate(
         tqdm(batches, total=total, disable=not progress, desc="FIP ensemble", leave=False)
@@ -220,7 +250,7 @@ def fip_ensemble(
         if (k + 1) % steps_per_member == 0:
             members.append(copy.deepcopy(net).eval())
             drift = opt.anchor_drift()
-            diagnostics["members"].append(
+            samples.append(
                 {
                     "step": k + 1,
                     "secondary_loss": float(loss.detach()),
@@ -229,7 +259,7 @@ def fip_ensemble(
                 }
             )
     opt.zero_grad()
-    return members, diagnostics
+    return samples
 
 
 _FIP_SETTINGS = (
