@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -74,29 +75,41 @@ def _members_cached(
     return members, diagnostics
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """What :func:`compare_ensembles` spends: its arguments of the same names."""
+
+    size: int
+    train_steps: int
+    steps_per_member: int
+    lr: float
+    batch_size: int
+    seed: int
+    adversarial_training: AttackConfig | None
+
+
 def _build_classifiers(
     make_model: Callable[[], nn.Module],
     x: torch.Tensor,
     y: torch.Tensor,
     settings: dict,
+    b: _Budget,
     checkpoint_dir: str | Path | None,
     progress: bool,
-    *,
-    size: int,
-    train_steps: int,
-    steps_per_member: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    adversarial_training: AttackConfig | None,
 ) -> tuple[dict[str, nn.Module | list[nn.Module]], dict, dict]:
     """The classifiers :func:`compare_ensembles` attacks, each ensemble built on ``x, y`` or
     read back from ``checkpoint_dir``; with the FIP path's diagnostics and the wall time of
-    each build (``seconds``). The keyword arguments are :func:`compare_ensembles`'s."""
+    each build (``seconds``)."""
     from .robust_ensemble import fip_ensemble
 
-    common = {"size": size, "batch_size": batch_size, "seed": seed, "progress": progress}
-    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
+    common = {"size": b.size, "batch_size": b.batch_size, "seed": b.seed, "progress": progress}
+    train_key = {
+        "size": b.size,
+        "steps": b.train_steps,
+        "lr": b.lr,
+        "batch": b.batch_size,
+        "seed": b.seed,
+    }
     seconds: dict = {}
 
     def cached(file: str, key: dict, build, timing: str) -> tuple[list[nn.Module], dict]:
@@ -108,69 +121,58 @@ def _build_classifiers(
 
     def trained(adversarial: AttackConfig | None) -> tuple[list[nn.Module], dict]:
         members = independent_ensemble(
-            make_model, x, y, steps=train_steps, lr=lr, adversarial=adversarial, **common
+            make_model, x, y, steps=b.train_steps, lr=b.lr, adversarial=adversarial, **common
         )
         return members, {}
 
     independent, _ = cached("independent.pt", train_key, lambda: trained(None), "independent")
     fip_members, fip_diag = cached(
         "fip.pt",
-        {**train_key, "steps_per_member": steps_per_member, **settings},
+        {**train_key, "steps_per_member": b.steps_per_member, **settings},
         lambda: fip_ensemble(
-            independent[0], x, y, steps_per_member=steps_per_member, **common, **settings
+            independent[0], x, y, steps_per_member=b.steps_per_member, **common, **settings
         ),
         "fip_path",
     )
     classifiers = {"single": independent[0], "independent": independent, "fip": fip_members}
-    if adversarial_training is not None:
+    if b.adversarial_training is not None:
         classifiers["independent-adv"], _ = cached(
             "independent_adversarial.pt",
-            {**train_key, "adversarial": adversarial_training.to_dict()},
-            lambda: trained(adversarial_training),
+            {**train_key, "adversarial": b.adversarial_training.to_dict()},
+            lambda: trained(b.adversarial_training),
             "independent_adversarial",
         )
     return classifiers, fip_diag, seconds
 
 
 def _comparison_config(
-    data,
-    attacks: list[AttackConfig],
-    settings: dict,
-    config: dict | None,
-    *,
-    size: int,
-    train_steps: int,
-    steps_per_member: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    adversarial_training: AttackConfig | None,
+    data, attacks: list[AttackConfig], settings: dict, b: _Budget, config: dict | None
 ) -> dict:
     """The ``config`` of :func:`compare_ensembles`'s record: budgets, FIP settings, attacks,
     data, seeds, and the caller's ``config`` entries."""
     return {
-        "size": size,
+        "size": b.size,
         "member_training": {
             "optimizer": "adam",
-            "lr": lr,
-            "steps": train_steps,
-            "batch_size": batch_size,
-            "seeds": [seed + i for i in range(size)],
+            "lr": b.lr,
+            "steps": b.train_steps,
+            "batch_size": b.batch_size,
+            "seeds": [b.seed + i for i in range(b.size)],
         },
         "fip": {
-            "steps_per_member": steps_per_member,
-            "path_steps": (size - 1) * steps_per_member,
-            "training_steps_total": train_steps + (size - 1) * steps_per_member,
+            "steps_per_member": b.steps_per_member,
+            "path_steps": (b.size - 1) * b.steps_per_member,
+            "training_steps_total": b.train_steps + (b.size - 1) * b.steps_per_member,
             **settings,
         },
-        "independent_training_steps_total": size * train_steps,
+        "independent_training_steps_total": b.size * b.train_steps,
         "adversarial_training": None
-        if adversarial_training is None
-        else {**adversarial_training.to_dict(), "steps_per_member": train_steps},
+        if b.adversarial_training is None
+        else {**b.adversarial_training.to_dict(), "steps_per_member": b.train_steps},
         "attacks": [a.to_dict() for a in attacks],
         "threat_model": "white-box L-inf on the ensemble's mean softmax, inputs clipped to [0, 1]",
         "data": data.describe(),
-        "seed": seed,
+        "seed": b.seed,
         **(config or {}),
     }
 
@@ -237,22 +239,16 @@ def compare_ensembles(
     check_dataset(data)
     settings = _fip_settings(fip_settings)
     attacks = list(attacks)
-    budget = {
-        "size": size,
-        "train_steps": train_steps,
-        "steps_per_member": steps_per_member,
-        "lr": lr,
-        "batch_size": batch_size,
-        "seed": seed,
-        "adversarial_training": adversarial_training,
-    }
+    budget = _Budget(
+        size, train_steps, steps_per_member, lr, batch_size, seed, adversarial_training
+    )
     classifiers, fip_diag, seconds = _build_classifiers(
-        make_model, data.x_train, data.y_train, settings, checkpoint_dir, progress, **budget
+        make_model, data.x_train, data.y_train, settings, budget, checkpoint_dir, progress
     )
     t0 = time.perf_counter()
     rows = evaluate_robustness(classifiers, data.x_test, data.y_test, attacks, progress=progress)
     seconds["attacks"] = time.perf_counter() - t0
-    cfg = _comparison_config(data, attacks, settings, config, **budget)
+    cfg = _comparison_config(data, attacks, settings, budget, config)
     diagnostics = {
         "member_clean_accuracy": {
             name: [accuracy(m, data.x_test, data.y_test) for m in classifiers[name]]
