@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -306,7 +307,46 @@ def test_fip_config_with_an_anchor_transform_is_json():
     config = FIPMethod(anchors=AnchorSampling(transform=GaussianNoise(0.3)), damping=0.1).config()
     assert json.loads(json.dumps(config)) == {
         "lr_scale": 1.0,
-        "anchors": "AnchorSampling(batch=32, transform=GaussianNoise(std=0.3), "
+        "anchors": "AnchorSampling(batch=32, transform=GaussianNoise(std=0.3), outputs=None, "
         "holdout_fraction=0.2, seed=0)",
         "damping": 0.1,
     }
+
+
+def test_fip_record_carries_the_drift_certificate_and_warns_over_budget(tasks, tmp_path):
+    from riemfip.applications.continual_methods import DriftBudgetWarning
+    from riemfip.optim import DriftGuard
+
+    two = tasks[:2]
+    kw = dict(memory_per_class=5, scenario="class", epochs=1, lr=0.5, seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DriftBudgetWarning)  # no budget: nothing to warn about
+        free = run_continual(two, FIPMethod(), small_mlp, **kw)
+    cert = free.diagnostics[1]
+    assert cert["drift_budget"] is None and cert["budget_exceeded"] is None
+    assert cert["steps_over_budget"] == 0
+    assert cert["max_step_drift"] >= cert["holdout_divergence"] >= 0
+
+    class Nudged(FIPMethod):
+        """Something outside the optimizer moves the weights after each step (a user's hook):
+        the guard certifies each step from where it starts, so the drift ends over budget."""
+
+        def after_step(self, model, lr):
+            super().after_step(model, lr)
+            if self._optimizer is not None:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(DriftBudgetWarning, match="went over its budget 0.001"):
+        over = run_continual(two, Nudged(guard=DriftGuard(budget=1e-3)), small_mlp, **kw)
+    over.to_json(tmp_path / "over.json")
+    cert = json.loads((tmp_path / "over.json").read_text())["diagnostics"][1]
+    assert cert["drift_budget"] == 1e-3 and cert["budget_exceeded"] is True
+    assert 0 < cert["steps_over_budget"] <= cert["steps"]
+    assert cert["max_step_drift"] > 1e-3
+
+    loose = run_continual(two, FIPMethod(guard=DriftGuard(budget=1e6)), small_mlp, **kw)
+    cert = loose.diagnostics[1]
+    assert cert["budget_exceeded"] is False and cert["steps_over_budget"] == 0
