@@ -164,10 +164,16 @@ def test_run_continual_end_to_end(tasks, method, scenario, tmp_path):
     chance = 100 / 3 if scenario == "task" else 10.0
     assert res.accuracy[0, 0] > chance + 20
     assert len(res.seconds) == 3 and len(res.diagnostics) == 3
+    assert len(res.cpu_seconds) == 3 and min(res.cpu_seconds) > 0
+    sizes = [len(t.x_train) for t in tasks]
+    if method == "joint":
+        sizes = [sum(sizes[: i + 1]) for i in range(3)]
+    assert res.steps == [math.ceil(n / 64) for n in sizes]
     d = json.loads(res.to_json(tmp_path / "r.json"))
     for key in (
         "method", "method_config", "scenario", "tasks", "task_classes", "accuracy",
         "average_accuracy", "forgetting", "per_task_forgetting", "config", "seconds",
+        "cpu_seconds", "steps",
     ):  # fmt: skip
         assert key in d
     assert d["accuracy"] == res.accuracy.tolist()
