@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+import riemfip.optim as ro
 from riemfip.applications.classifiers import mlp
 from riemfip.applications.continual import run_continual
 from riemfip.applications.continual_methods import EWC, FineTune, FIPMethod, Joint, Replay
@@ -96,8 +97,15 @@ SWEEPS = ("continual_baseline_lr_sweep.json", "continual_gpm_lr_sweep.json")
 FIP_LR, PENALTY_LR = 0.5, 0.3
 
 
+#: extra FIP settings (``--fip-setting NAME=KWARGS``): name -> FIP keyword arguments (text)
+EXTRA: dict[str, str] = {}
+
+
 def make_method(name: str, lr: float):
     """The benchmark's configuration of each method (FIP forms at their defaults)."""
+    if name in EXTRA:
+        options = eval(EXTRA[name], {k: getattr(ro, k) for k in ro.__all__})  # benchmark option
+        return FIPMethod(lr_scale=options.pop("lr", FIP_LR) / lr, **options)
     if name == "finetune":
         return FineTune()
     if name == "ewc":
@@ -227,7 +235,7 @@ def plot(record: dict, file: Path) -> None:
     protocols = list(record["protocols"])
     ncols = min(3, len(protocols))
     nrows = math.ceil(len(protocols) / ncols)
-    markers = dict(zip(METHODS, "os^vDP*", strict=True))
+    markers = dict(zip(METHODS, "os^vDP*", strict=True)) | dict.fromkeys(EXTRA, "X")
     with png_figure(
         file, nrows=nrows, ncols=ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False
     ) as (fig, axes):
@@ -257,6 +265,15 @@ def main(argv=None) -> int:
     p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument(
+        "--fip-setting",
+        action="append",
+        default=[],
+        metavar="NAME=KWARGS",
+        help="also run FIP with these keyword arguments as method NAME, e.g. "
+        "'fip-o2=dict(anchors=AnchorSampling(outputs=2))' (riemfip.optim's names in scope; "
+        "an 'lr' key is FIP's own rate, default 0.5)",
+    )
+    p.add_argument(
         "--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2, 3, 4]
     )
     p.add_argument(
@@ -274,6 +291,10 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="skip runs already in --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    for spec in args.fip_setting:
+        name, _, expr = spec.partition("=")
+        EXTRA[name] = expr
+        args.methods.append(name)
 
     record = {"protocols": {}}
     if args.resume and args.out.is_file():
@@ -290,6 +311,7 @@ def main(argv=None) -> int:
             "fip-penalty": "FIPPenalty defaults (lr 0.3, beta 1) from task 1",
             "ewc": "lambda 1e3, fisher_samples 200",
             "gpm": "defaults (threshold 0.97 + 0.003/task, 300 samples, biases frozen)",
+            **{name: f"FIP({expr}) from task 1" for name, expr in EXTRA.items()},
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
