@@ -15,7 +15,7 @@ runs for the same steps (same batches, same order) for every method:
   constraint), ``exact`` (``anchors=AnchorSampling(batch=None, transform=None)``: every fit
   anchor, the points only, every step; MLPs only, it costs 0.55 s a step on the CNNs),
   ``damping=1``, ``all-sketched`` (every fit anchor each step, sketched to 2 outputs),
-  ``all-sketched,lr=0.1`` and ``sketched,lr=0.07`` (the settings found closest to the targets
+  ``all-sketched-lr0.1`` and ``sketched-lr0.07`` (the settings found closest to the targets
   on MNIST); and any ``--setting NAME=KWARGS`` (a Python dict of FIP keyword arguments,
   evaluated with :mod:`riemfip.optim`'s names, the stored inputs ``anchors`` and
   fine-tuning's chosen ``ft_lr`` in scope; ``NAME@P1,P2=...`` for some problems only).
@@ -129,11 +129,11 @@ VARIANTS = {
     "damping=1": ({"damping": 1.0}, ALL),
     # every fit anchor each step (with its ScaledNoise neighbourhood), sketched to 2 outputs
     "all-sketched": ({"anchors": AnchorSampling(batch=None, outputs=2)}, {"mlp-mnist"}),
-    "all-sketched,lr=0.1": (
+    "all-sketched-lr0.1": (
         {"lr": 0.1, "anchors": AnchorSampling(batch=None, outputs=2)},
         {"mlp-mnist", "lenet5-mnist"},
     ),
-    "sketched,lr=0.07": ({"lr": 0.07, "anchors": AnchorSampling(outputs=2)}, {"lenet5-mnist"}),
+    "sketched-lr0.07": ({"lr": 0.07, "anchors": AnchorSampling(outputs=2)}, {"lenet5-mnist"}),
 }
 
 
