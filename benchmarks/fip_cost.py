@@ -9,6 +9,9 @@ The optimizers, each built from its public constructor only:
 ``fip``
     ``riemfip.optim.FIP(net.parameters(), model=net, anchor_inputs=x_old)``, every
     other option at its default (so this measures whatever FIP is current).
+``fip-sketch``
+    The same with ``anchors=AnchorSampling(outputs=2)``: two random output directions per
+    anchor per step instead of all of them (the cheap setting).
 ``gpm``
     :class:`riemfip.applications.gpm.ProjectedSGD` with ``lr=0.05`` over the bases that
     :class:`~riemfip.applications.gpm.BasisMemory` builds from the same stored inputs
@@ -86,7 +89,7 @@ MODEL_LABELS = {
     "vgg11": "VGG11-CIFAR, 3x32x32",
     "resnet18": "ResNet-18, 3x32x32",
 }
-METHOD_LABELS = {"fip": "FIP (defaults)", "gpm": "GPM"}
+METHOD_LABELS = {"fip": "FIP (defaults)", "fip-sketch": "FIP (outputs=2)", "gpm": "GPM"}
 LR = 0.05
 NUM_CLASSES = 10
 
@@ -139,10 +142,11 @@ def build_optimizer(method: str, net, x_old):
 
     if method == "sgd":
         return torch.optim.SGD(net.parameters(), lr=LR)
-    if method == "fip":
-        from riemfip.optim import FIP
+    if method in ("fip", "fip-sketch"):
+        from riemfip.optim import FIP, AnchorSampling
 
-        return FIP(net.parameters(), model=net, anchor_inputs=x_old)
+        options = {"anchors": AnchorSampling(outputs=2)} if method == "fip-sketch" else {}
+        return FIP(net.parameters(), model=net, anchor_inputs=x_old, **options)
     if method == "gpm":
         from riemfip.applications.gpm import GPM, BasisMemory, ProjectedSGD
 
@@ -405,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="mlp,lenet5,vgg11,resnet18")
     parser.add_argument("--batches", default="64,128,256")
-    parser.add_argument("--methods", default="fip", help="comma list of fip, gpm")
+    parser.add_argument("--methods", default="fip", help="comma list of fip, fip-sketch, gpm")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per row (10)")
     parser.add_argument("--max-seconds", type=int, default=120, help="CPU seconds per row (120)")
     parser.add_argument("--anchors-per-class", type=int, default=50)

@@ -63,11 +63,11 @@ from torch import nn
 from manifolds import FlatModule, PullbackMetric
 from manifolds.geodesic import relax, shoot
 from riemfip.data import mnist_subset
+from riemfip.networks import vgg11_cifar
 
 HERE = Path(__file__).resolve().parent
 
 #: VGG configuration "A" (Simonyan & Zisserman), CIFAR-style: 32x32 inputs end at 1x1x512.
-VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 #: Model-dependent defaults for options left at ``None``: (mlp, vgg11).
 DEFAULTS = {
@@ -89,36 +89,6 @@ def mlp() -> nn.Module:
     )
 
 
-def vgg11(batch_norm: bool = False) -> nn.Sequential:
-    """CIFAR-style VGG11 (configuration "A") for 3x32x32 inputs and 10 classes.
-
-    Parameters
-    ----------
-    batch_norm : bool
-        Put a BatchNorm2d after every convolution (used for training only; see
-        :func:`fold_batchnorm`).
-
-    Returns
-    -------
-    torch.nn.Sequential
-        Convolutions (with bias), ReLU, max-pooling, then ``Flatten`` and
-        ``Linear(512, 10)``; 9,225,610 weights without BatchNorm.
-    """
-    layers: list[nn.Module] = []
-    channels = 3
-    for item in VGG11_CFG:
-        if item == "M":
-            layers.append(nn.MaxPool2d(2))
-            continue
-        layers.append(nn.Conv2d(channels, item, 3, padding=1))
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(item))
-        layers.append(nn.ReLU())
-        channels = item
-    layers += [nn.Flatten(), nn.Linear(512, 10)]
-    return nn.Sequential(*layers)
-
-
 @torch.no_grad()
 def fold_batchnorm(net: nn.Sequential) -> nn.Sequential:
     """A BatchNorm-free VGG11 computing what ``net`` (with BatchNorm) computes in eval mode.
@@ -127,7 +97,7 @@ def fold_batchnorm(net: nn.Sequential) -> nn.Sequential:
     :math:`W s` and bias :math:`(b - \\mu) s + \\beta`, :math:`s = \\gamma /
     \\sqrt{\\sigma^2 + \\epsilon}` per output channel (running statistics).
     """
-    plain = vgg11(batch_norm=False)
+    plain = vgg11_cifar(batch_norm=False)
     mods = list(net)
     pairs = [(m, mods[i + 1]) for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
     targets = [m for m in plain if isinstance(m, nn.Conv2d)]
@@ -197,11 +167,11 @@ def train_vgg11(
     """
     file = cache / f"vgg11_seed{seed}_steps{steps}_lr{lr}.pt"
     if file.exists():
-        net = vgg11(batch_norm=False)
+        net = vgg11_cifar(batch_norm=False)
         net.load_state_dict(torch.load(file, weights_only=True))
         return net
     torch.manual_seed(seed)
-    net = vgg11(batch_norm=True)
+    net = vgg11_cifar(batch_norm=True)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

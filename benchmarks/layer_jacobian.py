@@ -53,25 +53,12 @@ from torch.func import jvp, vjp, vmap
 
 from manifolds import KroneckerMetric, PullbackMetric
 from manifolds.layer_jacobian import module_jacobian
+from riemfip import networks
 
 
 def lenet5() -> tuple[nn.Module, tuple[int, ...]]:
-    """LeNet-5 on 1x28x28: conv 6@5x5 (padding 2), pool, conv 16@5x5, pool, fc 120-84-10."""
-    net = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, 10),
-    )
-    return net, (1, 28, 28)
+    """LeNet-5 on 1x28x28 (:func:`riemfip.networks.lenet5`)."""
+    return networks.lenet5(), (1, 28, 28)
 
 
 def vgg() -> tuple[nn.Module, tuple[int, ...]]:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.func import jacfwd, jacrev, jvp, vmap
+from torch.func import jacfwd, jacrev, jvp
 
 from .conjugate_gradient import (
     SolveResult,
@@ -46,10 +46,11 @@ from .conjugate_gradient import (
     solve_tolerance,
     status_of,
 )
+from .dense_acceleration import dense_acceleration
 from .flat import FlatModule
 from .forward_ad import gram_vector_product
 from .gram import OutputGram
-from .jacobian import JacobianOperator, jacobian_at
+from .jacobian import AutogradJacobian, JacobianOperator, jacobian_at
 from .layer_jacobian import module_jacobian
 from .output_metrics import OutputMetric, get_output_metric
 from .spectrum import Spectrum, lanczos
@@ -376,7 +377,7 @@ class PullbackMetric:
         r = self._residual(w, x, b)
         return SolveResult(x, r, 0, status_of(r, tol), method, tol)
 
-    def _solve(self, w, b, method, tol, maxiter, x0) -> SolveResult:
+    def _solve(self, w, b, x0, method, tol, maxiter) -> SolveResult:
         method = self._method(w, method)
         with torch.no_grad():
             if method == "cg":
@@ -438,11 +439,7 @@ class PullbackMetric:
     ) -> SolveResult:
         """:meth:`solve` with its :class:`~manifolds.conjugate_gradient.SolveResult`
         (solution, residual, iterations, status, method)."""
-        w = self.check_point(w)
-        b = self.check_tangent("b", b, w)
-        if x0 is not None:
-            x0 = self.check_tangent("x0", x0, w)
-        return self._solve(w, b, method, tol, maxiter, x0)
+        return self._solve(*self._checked(w, "b", b, x0), method, tol, maxiter)
 
     def acceleration(
         self,
@@ -476,20 +473,26 @@ class PullbackMetric:
         x0: torch.Tensor | None = None,
     ) -> SolveResult:
         """:meth:`acceleration` with its :class:`~manifolds.conjugate_gradient.SolveResult`."""
-        w = self.check_point(w)
-        v = self.check_tangent("v", v, w)
-        if x0 is not None:
-            x0 = self.check_tangent("x0", x0, w)
+        w, v, x0 = self._checked(w, "v", v, x0)
         return self._acceleration(w, v, method, tol, maxiter, x0)
+
+    def _checked(self, w, name, b, x0):
+        """The point, a tangent called ``name`` and an optional warm start, checked."""
+        w = self.check_point(w)
+        b = self.check_tangent(name, b, w)
+        return w, b, None if x0 is None else self.check_tangent("x0", x0, w)
 
     def _acceleration(self, w, v, method=None, tol=None, maxiter=None, x0=None) -> SolveResult:
         method = self._method(w, method)
         with torch.no_grad():
             h = self._second_derivative(w, v)
-            jac = self.jacobian_operator(w)
-            rhs = -jac.vjp(h.unsqueeze(0))[0]  # -J^T h: the acceleration is g^{-1} of it
+            # the output route needs J itself; the others only -J^T h (one reverse pass)
+            jac = (
+                self.jacobian_operator(w) if method == "output" else AutogradJacobian(self.embed, w)
+            )
+            rhs = -jac.vjp(h.unsqueeze(0))[0]  # the acceleration is g^{-1} of it
             if method == "cg":
-                return self._solve(w, rhs, method, tol, maxiter, x0)
+                return self._solve(w, rhs, x0, method, tol, maxiter)
             if method == "dense":
                 a = self.dense_acceleration(w, v)
             else:  # -J^T (K + l I)^{-1} h: no weight-space solve at all
@@ -499,43 +502,10 @@ class PullbackMetric:
         return res
 
     def dense_acceleration(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        r""":math:`-g^{-1}J^\top D^2F[v, v]` by dense algebra, as a pure tensor function.
-
-        No checks and no Python-side branching on values, so it can be differentiated
-        and batched by :mod:`torch.func` (``vmap`` of a whole batch of flows, ``jacfwd``
-        for collocation). For small :math:`n` only. :math:`J` and :math:`D^2F[v, v]` come
-        from one batched forward-over-forward JVP in the :math:`n + 1` directions
-        :math:`(e_1, \dots, e_n, v)`. The solve is in weight space (:math:`n \times n`)
-        when :math:`n \le m` or :math:`\lambda = 0` (least squares, so a singular
-        :math:`g` gives the minimum-norm answer), else in output space,
-        :math:`-J^\top (JJ^\top + \lambda I)^{-1} h`.
-        """
-        n = w.numel()
-
-        def inner(x):
-            return jvp(self.embed, (x,), (v,))
-
-        def outer(u):
-            return jvp(inner, (w,), (u,))[1]
-
-        dirs = torch.cat([torch.eye(n, dtype=w.dtype, device=w.device), v.unsqueeze(0)])
-        ju, huv = vmap(outer)(dirs)
-        jac, h = ju[:n].T, huv[n]
-        m = jac.shape[0]
-        lam = self.damping
-        # LAPACK must not see NaN/Inf (lstsq aborts with an internal error on them, which
-        # would end a shooting solve whose trial flow blew up). Solve with finite stand-ins
-        # and let the non-finite values through to the answer instead, where the flow's
-        # own check reports them; no data-dependent branch, so this stays vmap-able.
-        poison = 0.0 * (jac.sum() + h.sum())
-        jac, h = torch.nan_to_num(jac, 0.0, 0.0, 0.0), torch.nan_to_num(h, 0.0, 0.0, 0.0)
-        if n <= m or lam == 0.0:
-            g = jac.T @ jac
-            if lam:
-                g = g + lam * torch.eye(n, dtype=w.dtype, device=w.device)
-            return poison - torch.linalg.lstsq(g, (jac.T @ h).unsqueeze(-1)).solution.squeeze(-1)
-        k = jac @ jac.T + lam * torch.eye(m, dtype=w.dtype, device=w.device)
-        return poison - jac.T @ torch.linalg.solve(k, h)
+        r""":math:`-g^{-1}J^\top D^2F[v, v]` by dense algebra, as a pure tensor function
+        (:func:`~manifolds.dense_acceleration.dense_acceleration`): differentiable and
+        batchable by :mod:`torch.func`, for small :math:`n` only; no checks."""
+        return dense_acceleration(self.embed, self.damping, w, v)
 
 
 def _dense_solve(g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

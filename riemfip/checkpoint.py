@@ -49,8 +49,9 @@ __all__ = [
     "write_atomically",
 ]
 
-#: The tag every riemfip checkpoint carries, and the layout version this module writes.
+#: The tag every riemfip checkpoint carries.
 FORMAT = "riemfip-checkpoint"
+#: The layout version this module writes (and the only one it reads).
 VERSION = 1
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive

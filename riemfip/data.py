@@ -79,7 +79,7 @@ class Dataset:
 
     @property
     def labels(self) -> tuple[int, ...]:
-        """The labels present: ``classes``, or ``range(num_classes)`` when unset."""
+        """The labels present (``classes``, or ``range(num_classes)`` when unset)."""
         return tuple(range(self.num_classes)) if self.classes is None else self.classes
 
     def describe(self) -> dict:

@@ -26,6 +26,8 @@ from riemfip.data import mnist_subset
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the quickstart with command-line arguments ``argv`` (default ``sys.argv[1:]``);
+    returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=100, help="hidden width (784-H-10 MLP)")
     parser.add_argument("--epochs", type=int, default=5)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from dense_reference import make_mlp, randn
+
+# The tests' tensors are tiny: one thread is faster than two (no synchronisation), and
+# much faster on a machine whose cores are busy with other work.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -93,7 +93,8 @@ def test_parameter_group_factors_in_closed_form():
         w2 = net[2].weight
         g = torch.einsum("bi,ci,cj,bj->ij", slopes, w2, w2, slopes) / 7
         a = x.T @ x / 7
-    torch.testing.assert_close(kfac[3:, 3:], torch.kron(g, a), rtol=1e-12, atol=1e-14)
+    # contiguous: without opt_einsum installed, einsum hands back a strided view kron rejects
+    torch.testing.assert_close(kfac[3:, 3:], torch.kron(g.contiguous(), a), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("output_metric", ["euclidean", "fisher"])

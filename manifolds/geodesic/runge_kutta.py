@@ -113,6 +113,7 @@ class ButcherTableau:
         return self.error is not None
 
 
+#: Classical fourth-order Runge–Kutta (no error estimate): the fixed-step flow.
 RK4 = ButcherTableau(
     name="rk4",
     a=((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)),
@@ -120,6 +121,7 @@ RK4 = ButcherTableau(
     order=4,
 )
 
+#: Dormand–Prince 5(4), first same as last: the adaptive flow's default.
 DORMAND_PRINCE = ButcherTableau(
     name="dopri5",
     a=(
@@ -136,6 +138,7 @@ DORMAND_PRINCE = ButcherTableau(
     error_order=4,
 )
 
+#: Bogacki–Shampine 3(2), first same as last.
 BOGACKI_SHAMPINE = ButcherTableau(
     name="bs23",
     a=((), (1 / 2,), (0.0, 3 / 4)),
@@ -280,7 +283,7 @@ def initial_step(
     accel: Acceleration, w, v, a, t1: float, order: int, rtol: float, atol: float
 ) -> float:
     r"""A first step size for an adaptive flow (Hairer, Nørsett & Wanner, *Solving ODEs I*,
-    II.4; as :func:`scipy.integrate`): :math:`h_0 = 0.01\,\|y\|/\|f\|`, then
+    II.4; as :mod:`scipy.integrate`): :math:`h_0 = 0.01\,\|y\|/\|f\|`, then
     :math:`h_1 = (0.01 / \max(\|f\|, \|\partial f\|))^{1/(p+1)}` from one Euler step's change in
     :math:`f = (v, a)`; the smaller of :math:`100 h_0`, :math:`h_1` and :math:`t_1`. One
     acceleration."""

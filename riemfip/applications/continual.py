@@ -130,6 +130,8 @@ class ContinualResult(JsonRecord):
     diagnostics : list of dict
         The method's diagnostics after each task (e.g. EWC Fisher scale, FIP drift).
 
+    Notes
+    -----
     The JSON record (:meth:`to_json`, tagged ``"application": "continual"``) also holds
     ``average_accuracy``, ``forgetting`` and ``per_task_forgetting``.
     """
@@ -309,7 +311,8 @@ def run_continual(
         Training images kept of each class of each finished task (see module notes).
     scenario : {"task", "class"}
         Task-incremental (masked per-task heads) or class-incremental (shared head).
-    epochs, lr, batch_size : training settings of every task.
+    epochs, lr, batch_size
+        Training settings of every task.
     seed : int
         Seeds the initialisation, and each task's shuffling and memory choice
         (per task, so that a resumed run is identical to an uninterrupted one).

@@ -26,37 +26,42 @@ for next (equal size, equal attack, adversarial examples on both sides).
 
 The record (:class:`RobustnessResult`) holds clean, FGSM and PGD accuracy of
 each at every ε, with every attack's ε, steps, step size and random start.
+
+Modules
+-------
+This module holds the FIP ensemble; the rest of the application lives in three
+modules, whose public names are importable from here:
+
+:mod:`~riemfip.applications.independent_ensembles`
+    The independently (and adversarially) trained ensembles.
+:mod:`~riemfip.applications.robustness_evaluation`
+    The attacks, the evaluation under them, and the record.
+:mod:`~riemfip.applications.ensemble_comparison`
+    The comparison: every classifier built (or resumed from its checkpoint),
+    attacked and recorded.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import itertools
-import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import resume_checkpoint, save_checkpoint
-from ..labelled import check_dataset, check_labelled
-from ..plotting import png_figure
-from ..records import JsonRecord, percent_cells
-from .attacks import AttackConfig, attack, pgd, robust_accuracy
-from .classifiers import (
-    Classifier,
-    _members,
-    accuracy,
-    minibatches,
-    predict_proba,
-    trained_classifier,
+from ..labelled import check_labelled
+from .attacks import pgd
+from .classifiers import minibatches, predict_proba
+from .ensemble_comparison import compare_ensembles
+from .fip_settings import random_anchor
+from .independent_ensembles import independent_ensemble
+from .robustness_evaluation import (
+    RobustnessResult,
+    RobustnessRow,
+    default_attacks,
+    evaluate_robustness,
 )
-from .fip_settings import random_anchor, resolve_fip_settings
 
 __all__ = [
     "independent_ensemble",
@@ -68,77 +73,6 @@ __all__ = [
     "evaluate_robustness",
     "compare_ensembles",
 ]
-
-
-def independent_ensemble(
-    make_model: Callable[[], nn.Module],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    size: int,
-    steps: int,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    adversarial: AttackConfig | None = None,
-    progress: bool = False,
-) -> list[nn.Module]:
-    """``size`` networks, member ``i`` initialised with ``torch.manual_seed(seed + i)``
-    and trained on its own minibatch order (seed ``seed + i``).
-
-    Parameters
-    ----------
-    make_model : callable
-        ``() -> nn.Module``, a fresh untrained network (initialised from the global RNG).
-    x, y : torch.Tensor
-        Training inputs and labels.
-    size : int
-        Number of members (>= 1).
-    steps, lr, batch_size
-        As for :func:`~riemfip.applications.classifiers.train_classifier`.
-    adversarial : AttackConfig, optional
-        Adversarial training: half of each minibatch is replaced by this attack's
-        examples against the member's current weights (a fresh random start each
-        step), for the same number of steps. The fair baseline for an ensemble that sees adversarial
-        examples while it is built.
-    """
-    if adversarial is not None and not isinstance(adversarial, AttackConfig):
-        raise TypeError(f"adversarial must be an AttackConfig, got {type(adversarial).__name__}")
-    if not callable(make_model):
-        raise TypeError(f"make_model must be callable, got {type(make_model).__name__}")
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    check_labelled(x, y, name="training data")
-    members = []
-    for i in tqdm(range(size), disable=not progress, desc="independent ensemble", leave=False):
-        perturb = None if adversarial is None else _attacker(adversarial, seed=1000 * (seed + i))
-        members.append(
-            trained_classifier(
-                make_model, x, y, steps=steps, lr=lr, batch_size=batch_size, seed=seed + i,
-                perturb=perturb,
-            )
-        )  # fmt: skip
-    return members
-
-
-def _attacker(config: AttackConfig, seed: int):
-    """``perturb(model, xb, yb)`` for :func:`train_classifier`: the first half of each
-    minibatch replaced by ``config``'s attack (a new random-start seed at every call),
-    the rest kept clean.
-
-    Half and half is Goodfellow et al.'s (2015) mix, :math:`\tfrac12 L(x) + \tfrac12
-    L(x_{adv})`; measured here, all-adversarial training of a small MLP from scratch
-    at ε = 0.1 collapsed to chance (10%) where the mix kept learning.
-    """
-    calls = itertools.count(seed)
-
-    def perturb(model, xb, yb):
-        half = (len(xb) + 1) // 2
-        adv = attack(model, xb[:half], yb[:half], dataclasses.replace(config, seed=next(calls)))
-        return torch.cat([adv, xb[half:]])
-
-    return perturb
-
 
 OBJECTIVES = ("adversarial_ce", "disagree")
 _DEFAULT_FIP_OPTIONS = {"mode": "natural"}
@@ -249,8 +183,6 @@ def fip_ensemble(
         ``path_steps``, and per sampled member its anchor drift (mean divergence,
         arg-max agreement) and the secondary loss at the sample.
     """
-    from riemfip.optim import path_optimizer
-
     if not isinstance(start, nn.Module):
         raise TypeError(f"start must be a torch.nn.Module, got {type(start).__name__}")
     if not isinstance(size, int) or size < 1:
@@ -262,11 +194,43 @@ def fip_ensemble(
     check_labelled(x, y, name="training data")
     anchor = random_anchor(x, anchor_size, seed)
     members = [copy.deepcopy(start).eval()]
-    net = copy.deepcopy(start)
+    total = (size - 1) * steps_per_member
+    samples = _walk_ensemble_path(
+        copy.deepcopy(start), members, x, y, anchor, total=total,
+        steps_per_member=steps_per_member, objective=objective, eps=eps,
+        attack_steps=attack_steps, lr=lr, batch_size=batch_size, seed=seed,
+        fip_options=fip_options, progress=progress,
+    )  # fmt: skip
+    return members, {"path_steps": total, "members": samples}
+
+
+def _walk_ensemble_path(
+    net: nn.Module,
+    members: list[nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    anchor: torch.Tensor,
+    *,
+    total: int,
+    steps_per_member: int,
+    objective: str,
+    eps: float,
+    attack_steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    fip_options: dict | None,
+    progress: bool,
+) -> list[dict]:
+    """The path of :func:`fip_ensemble`: ``total`` FIP steps of ``net`` (in place) down
+    :func:`diversification_loss`, the outputs on ``anchor`` kept, a copy appended to
+    ``members`` every ``steps_per_member`` steps. Returns each sample's diagnostics (the
+    arguments are :func:`fip_ensemble`'s)."""
+    from riemfip.optim import path_optimizer
+
     options = _DEFAULT_FIP_OPTIONS if fip_options is None else fip_options
     opt = path_optimizer(net.parameters(), model=net, anchor_inputs=anchor, lr=lr, **options)
-    total = (size - 1) * steps_per_member
-    diagnostics: dict = {"path_steps": total, "members": []}
+    samples: list[dict] = []
     batches = minibatches(len(x), batch_size, total, seed=seed + 1, device=x.device)
     for k, idx in enumerate(
         tqdm(batches, total=total, disable=not progress, desc="FIP ensemble", leave=False)
@@ -287,7 +251,7 @@ def fip_ensemble(
         if (k + 1) % steps_per_member == 0:
             members.append(copy.deepcopy(net).eval())
             drift = opt.anchor_drift()
-            diagnostics["members"].append(
+            samples.append(
                 {
                     "step": k + 1,
                     "secondary_loss": float(loss.detach()),
@@ -296,352 +260,4 @@ def fip_ensemble(
                 }
             )
     opt.zero_grad()
-    return members, diagnostics
-
-
-def default_attacks(
-    eps: Sequence[float] = (0.05, 0.1, 0.15, 0.2),
-    *,
-    pgd_steps: int = 20,
-    random_start: bool = True,
-    seed: int = 0,
-) -> list[AttackConfig]:
-    """Clean, then FGSM and PGD (``pgd_steps`` steps of ``eps / 10``) at every ε.
-
-    At ε = 0.1 this is the calibration setting: PGD 20 steps of 0.01 from a
-    random start, FGSM 0.1.
-    """
-    configs = [AttackConfig.clean()]
-    for e in eps:
-        configs.append(AttackConfig.fgsm(e))
-        configs.append(AttackConfig.pgd(e, steps=pgd_steps, random_start=random_start, seed=seed))
-    return configs
-
-
-@dataclass
-class RobustnessRow(JsonRecord):
-    """Accuracy of one classifier under one attack.
-
-    Attributes
-    ----------
-    model : str
-        ``"single"``, ``"independent"``, ``"fip"``, ...
-    size : int
-        Ensemble size (1 for a single network).
-    attack : dict
-        :meth:`AttackConfig.to_dict`: name, eps, steps, step_size, random_start, seed.
-    accuracy : float
-    """
-
-    model: str
-    size: int
-    attack: dict
-    accuracy: float
-
-
-@dataclass
-class RobustnessResult(JsonRecord):
-    """Clean and adversarial accuracy of several classifiers.
-
-    Attributes
-    ----------
-    rows : list of RobustnessRow
-    config : dict
-        Architecture, data, training budgets, FIP settings, seeds.
-    diagnostics : dict
-        Per-model extras (e.g. FIP drift, member accuracies).
-
-    The JSON record (:meth:`to_json`) is tagged ``"application": "robust_ensemble"``.
-    """
-
-    application = "robust_ensemble"
-
-    rows: list[RobustnessRow] = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-    diagnostics: dict = field(default_factory=dict)
-
-    def models(self) -> list[str]:
-        return list(dict.fromkeys(r.model for r in self.rows))
-
-    def accuracy(self, model: str, attack: str, eps: float = 0.0) -> float:
-        """Accuracy of ``model`` under ``attack`` (``"clean"``, ``"fgsm"``, ``"pgd"``) at ``eps``."""
-        for r in self.rows:
-            if (
-                r.model == model
-                and r.attack["name"] == attack
-                and (attack == "clean" or math.isclose(r.attack["eps"], eps))
-            ):
-                return r.accuracy
-        raise KeyError(f"no row for {model!r} under {attack!r} at eps {eps}")
-
-    def table(self) -> str:
-        """Accuracy (%) by model (rows) and attack (columns)."""
-        attacks = list(dict.fromkeys((r.attack["name"], r.attack["eps"]) for r in self.rows))
-        head = f"{'model':<14}{'size':>5}" + "".join(
-            f"{'clean' if a == 'clean' else f'{a} {e:g}':>12}" for a, e in attacks
-        )
-        lines = [head]
-        for m in self.models():
-            size = next(r.size for r in self.rows if r.model == m)
-            cells = percent_cells(lambda attack, m=m: self.accuracy(m, *attack), attacks, 12)
-            lines.append(f"{m:<14}{size:>5}" + cells)
-        return "\n".join(lines)
-
-    def plot(self, path: str | Path) -> Path:
-        """PNG of accuracy against ε, one panel per attack (FGSM, PGD), one line per model."""
-        names = [a for a in ("fgsm", "pgd") if any(r.attack["name"] == a for r in self.rows)]
-        ncols = max(len(names), 1)
-        with png_figure(path, ncols=ncols, figsize=(5 * ncols, 4), squeeze=False) as (_, axes):
-            for ax, name in zip(axes[0], names, strict=False):
-                for m in self.models():
-                    self._plot_model(ax, m, name)
-                example = next(r.attack for r in self.rows if r.attack["name"] == name)
-                detail = (
-                    f"{example['steps']} steps of eps/10, "
-                    f"{'random start' if example['random_start'] else 'no random start'}"
-                    if name == "pgd"
-                    else "one step of eps"
-                )
-                ax.set_title(f"{name.upper()} (L∞, white-box, mean softmax): {detail}", fontsize=9)
-                ax.set_xlabel("ε (pixels in [0, 1])")
-                ax.set_ylabel("test accuracy (%)")
-                ax.grid(alpha=0.3)
-                ax.legend()
-        return Path(path)
-
-    def _plot_model(self, ax, model: str, attack: str) -> None:
-        """Accuracy of ``model`` against ε under ``attack``, from its clean accuracy at ε = 0."""
-        pts = sorted(
-            (r.attack["eps"], r.accuracy)
-            for r in self.rows
-            if r.model == model and r.attack["name"] == attack
-        )
-        try:
-            pts = [(0.0, self.accuracy(model, "clean"))] + pts
-        except KeyError:
-            pass
-        size = next(r.size for r in self.rows if r.model == model)
-        ax.plot(
-            [e for e, _ in pts],
-            [100 * a for _, a in pts],
-            marker="o",
-            label=f"{model} (n={size})",
-        )
-
-
-def evaluate_robustness(
-    classifiers: dict[str, Classifier],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    attacks: Sequence[AttackConfig],
-    *,
-    progress: bool = False,
-) -> list[RobustnessRow]:
-    """Accuracy of every classifier (a model or an ensemble) under every attack.
-
-    Parameters
-    ----------
-    classifiers : dict
-        ``name -> model, callable or list of models``.
-    x, y : torch.Tensor
-        Test inputs in [0, 1] and labels.
-    attacks : sequence of AttackConfig
-    """
-    if not isinstance(classifiers, dict) or not classifiers:
-        raise ValueError("classifiers must be a non-empty dict name -> model or ensemble")
-    check_labelled(x, y, name="test data")
-    attacks = list(attacks)
-    if not attacks:
-        raise ValueError("attacks must hold at least one AttackConfig")
-    for a in attacks:
-        if not isinstance(a, AttackConfig):
-            raise TypeError(f"attacks must be AttackConfig objects, got {type(a).__name__}")
-    rows = []
-    jobs = [(name, clf, a) for name, clf in classifiers.items() for a in attacks]
-    for name, clf, a in tqdm(jobs, disable=not progress, desc="attacks", leave=False):
-        size = len(_members(clf))
-        rows.append(RobustnessRow(name, size, a.to_dict(), robust_accuracy(clf, x, y, a)))
-    return rows
-
-
-_FIP_SETTINGS = (
-    "objective",
-    "eps",
-    "attack_steps",
-    "anchor_size",
-    "lr",
-    "fip_options",
-)
-
-
-def _fip_settings(settings: dict | None) -> dict:
-    """The :func:`fip_ensemble` settings in effect: defaults updated by ``settings``."""
-    return resolve_fip_settings(fip_ensemble, _FIP_SETTINGS, settings, _DEFAULT_FIP_OPTIONS)
-
-
-def _members_cached(
-    path: Path | None,
-    settings: dict,
-    make_model: Callable[[], nn.Module],
-    like: torch.Tensor,
-    build: Callable[[], tuple[list[nn.Module], dict]],
-) -> tuple[list[nn.Module], dict]:
-    """``build() -> (members, diagnostics)``, or what a build with the same ``settings``
-    saved at ``path`` (:mod:`riemfip.checkpoint`; one written with other settings is
-    refused). Members are rebuilt with ``make_model`` on ``like``'s device and dtype."""
-    saved = resume_checkpoint(path, settings, map_location=like.device)
-    if saved is not None:
-        members = []
-        for state in saved.state["members"]:
-            net = make_model().to(device=like.device, dtype=like.dtype)
-            net.load_state_dict(state)
-            members.append(net.eval())
-        return members, saved.state["diagnostics"]
-    members, diagnostics = build()
-    if path is not None:
-        state = {"members": [m.state_dict() for m in members], "diagnostics": diagnostics}
-        save_checkpoint(path, state, settings=settings, step=len(members))
-    return members, diagnostics
-
-
-def compare_ensembles(
-    make_model: Callable[[], nn.Module],
-    data,
-    *,
-    size: int,
-    train_steps: int,
-    steps_per_member: int,
-    attacks: Sequence[AttackConfig],
-    fip_settings: dict | None = None,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    config: dict | None = None,
-    checkpoint_dir: str | Path | None = None,
-    adversarial_training: AttackConfig | None = None,
-    progress: bool = False,
-) -> RobustnessResult:
-    """Single network vs independent ensemble vs FIP ensemble, under ``attacks``.
-
-    Parameters
-    ----------
-    make_model : callable
-        ``() -> nn.Module``, a fresh network.
-    data : riemfip.data.Dataset
-        Training data (members, FIP anchor and secondary objective) and test
-        data (every reported accuracy), pixels in [0, 1].
-    size : int
-        Ensemble size, the same for both ensembles.
-    train_steps : int
-        Adam steps for each independently trained network (member 0 of both
-        ensembles is the same network, the ``"single"`` one).
-    steps_per_member : int
-        FIP path steps between sampled members (see :func:`fip_ensemble`).
-    attacks : sequence of AttackConfig
-        E.g. :func:`default_attacks`.
-    fip_settings : dict, optional
-        Keyword arguments of :func:`fip_ensemble` (``objective``, ``eps``,
-        ``attack_steps``, ``anchor_size``, ``lr``, ``fip_options``); the record's
-        config holds the values used, defaults included.
-    checkpoint_dir : path, optional
-        Each ensemble is saved there when built (``independent.pt``, ``fip.pt``,
-        ``independent_adversarial.pt``; :mod:`riemfip.checkpoint`) with the settings
-        that built it, and reused by a rerun with the same settings, so an interrupted
-        comparison resumes after its last finished ensemble. A file written with
-        other settings is refused (:class:`~riemfip.checkpoint.SettingsMismatchError`).
-    adversarial_training : AttackConfig, optional
-        Also an ``"independent-adv"`` ensemble: the same size and steps, each
-        member adversarially trained with this attack (:func:`independent_ensemble`).
-        The FIP ensemble sees adversarial examples while it is built and the plain
-        independent one does not; this baseline does.
-
-    Returns
-    -------
-    RobustnessResult
-        Rows for ``"single"``, ``"independent"``, ``"fip"`` (and
-        ``"independent-adv"`` when asked); diagnostics with
-        each member's clean test accuracy, FIP drift and wall times.
-    """
-    check_dataset(data)
-    settings = _fip_settings(fip_settings)
-    attacks = list(attacks)
-    x, y = data.x_train, data.y_train
-    common = {"size": size, "batch_size": batch_size, "seed": seed, "progress": progress}
-    train_key = {"size": size, "steps": train_steps, "lr": lr, "batch": batch_size, "seed": seed}
-    seconds: dict = {}
-
-    def cached(file: str, key: dict, build, timing: str) -> tuple[list[nn.Module], dict]:
-        t0 = time.perf_counter()
-        path = None if checkpoint_dir is None else Path(checkpoint_dir) / file
-        out = _members_cached(path, key, make_model, x, build)
-        seconds[timing] = time.perf_counter() - t0
-        return out
-
-    def trained(adversarial: AttackConfig | None) -> tuple[list[nn.Module], dict]:
-        members = independent_ensemble(
-            make_model, x, y, steps=train_steps, lr=lr, adversarial=adversarial, **common
-        )
-        return members, {}
-
-    independent, _ = cached("independent.pt", train_key, lambda: trained(None), "independent")
-    fip_members, fip_diag = cached(
-        "fip.pt",
-        {**train_key, "steps_per_member": steps_per_member, **settings},
-        lambda: fip_ensemble(
-            independent[0], x, y, steps_per_member=steps_per_member, **common, **settings
-        ),
-        "fip_path",
-    )
-    classifiers = {"single": independent[0], "independent": independent, "fip": fip_members}
-    if adversarial_training is not None:
-        classifiers["independent-adv"], _ = cached(
-            "independent_adversarial.pt",
-            {**train_key, "adversarial": adversarial_training.to_dict()},
-            lambda: trained(adversarial_training),
-            "independent_adversarial",
-        )
-
-    t0 = time.perf_counter()
-    rows = evaluate_robustness(
-        classifiers,
-        data.x_test,
-        data.y_test,
-        attacks,
-        progress=progress,
-    )
-    seconds["attacks"] = time.perf_counter() - t0
-    cfg = {
-        "size": size,
-        "member_training": {
-            "optimizer": "adam",
-            "lr": lr,
-            "steps": train_steps,
-            "batch_size": batch_size,
-            "seeds": [seed + i for i in range(size)],
-        },
-        "fip": {
-            "steps_per_member": steps_per_member,
-            "path_steps": (size - 1) * steps_per_member,
-            "training_steps_total": train_steps + (size - 1) * steps_per_member,
-            **settings,
-        },
-        "independent_training_steps_total": size * train_steps,
-        "adversarial_training": None
-        if adversarial_training is None
-        else {**adversarial_training.to_dict(), "steps_per_member": train_steps},
-        "attacks": [a.to_dict() for a in attacks],
-        "threat_model": "white-box L-inf on the ensemble's mean softmax, inputs clipped to [0, 1]",
-        "data": data.describe(),
-        "seed": seed,
-        **(config or {}),
-    }
-    diagnostics = {
-        "member_clean_accuracy": {
-            name: [accuracy(m, data.x_test, data.y_test) for m in classifiers[name]]
-            for name in classifiers
-            if name != "single"
-        },
-        "fip_path": fip_diag,
-        "seconds": seconds,
-    }
-    return RobustnessResult(rows, cfg, diagnostics)
+    return samples

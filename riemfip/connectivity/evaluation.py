@@ -230,6 +230,8 @@ class ConnectivityReport(JsonRecord):
     metadata : dict
         Free-form, JSON-serialisable context (data sizes, metric, timings).
 
+    Notes
+    -----
     The JSON record (:meth:`to_json`) is tagged ``"application": "connectivity"``; each
     path's entry also holds its :meth:`PathEvaluation.summary`.
     """

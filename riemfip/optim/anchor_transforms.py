@@ -27,7 +27,7 @@ __all__ = ["GaussianNoise", "NeighbourNoise", "RandomShift", "ScaledNoise"]
 class GaussianNoise:
     r"""Anchor transform :math:`x \mapsto x + s\,\xi`, :math:`\xi \sim \mathcal N(0, I)`.
 
-    For :class:`~riemfip.optim.FIP`'s ``anchor_transform``: the metric is then pulled
+    For :class:`~riemfip.optim.AnchorSampling`'s ``transform``: the metric is then pulled
     back from the outputs on a Gaussian neighbourhood of each anchor (radius ``std``
     in input units) instead of on the anchor points alone. A class (not a closure)
     so that it pickles.

@@ -227,11 +227,12 @@ class FIP(PathOptimizer):
         residual = jac.embedded - seen.embed_samples(y0)
         # one solve with two right-hand sides: (K + l I)^{-1} [J grad, r]
         z = gram.solve(torch.stack([jac.jvp(grad[None])[0], residual]))
-        pulled = jac.vjp(torch.cat([z, residual[None]]))  # J^T z1, J^T z2, J^T r
+        pulled = jac.vjp(z)  # J^T z1, J^T z2
         direction = grad - pulled[0]
         secondary = -lr * direction
         correction = -self.pullback.strength * pulled[1]
-        cap = lr * max(float(grad.norm()), float(pulled[2].norm()))
+        drift_gradient = float(torch.dot(residual, gram.matrix @ residual).clamp_min(0).sqrt())
+        cap = lr * max(float(grad.norm()), drift_gradient)  # |J^T r| = sqrt(r^T K r)
         cnorm = float(correction.norm())
         if cnorm > cap > 0:
             correction = correction * (cap / cnorm)

@@ -1,0 +1,1 @@
+"""Helpers of the documentation build (not part of the library)."""
