@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -163,10 +164,16 @@ def test_run_continual_end_to_end(tasks, method, scenario, tmp_path):
     chance = 100 / 3 if scenario == "task" else 10.0
     assert res.accuracy[0, 0] > chance + 20
     assert len(res.seconds) == 3 and len(res.diagnostics) == 3
+    assert len(res.cpu_seconds) == 3 and min(res.cpu_seconds) > 0
+    sizes = [len(t.x_train) for t in tasks]
+    if method == "joint":
+        sizes = [sum(sizes[: i + 1]) for i in range(3)]
+    assert res.steps == [math.ceil(n / 64) for n in sizes]
     d = json.loads(res.to_json(tmp_path / "r.json"))
     for key in (
         "method", "method_config", "scenario", "tasks", "task_classes", "accuracy",
         "average_accuracy", "forgetting", "per_task_forgetting", "config", "seconds",
+        "cpu_seconds", "steps",
     ):  # fmt: skip
         assert key in d
     assert d["accuracy"] == res.accuracy.tolist()
@@ -310,3 +317,42 @@ def test_fip_config_with_an_anchor_transform_is_json():
         "holdout_fraction=0.2, seed=0)",
         "damping": 0.1,
     }
+
+
+def test_fip_record_carries_the_drift_certificate_and_warns_over_budget(tasks, tmp_path):
+    from riemfip.applications.continual_methods import DriftBudgetWarning
+    from riemfip.optim import DriftGuard
+
+    two = tasks[:2]
+    kw = dict(memory_per_class=5, scenario="class", epochs=1, lr=0.5, seed=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DriftBudgetWarning)  # no budget: nothing to warn about
+        free = run_continual(two, FIPMethod(), small_mlp, **kw)
+    cert = free.diagnostics[1]
+    assert cert["drift_budget"] is None and cert["budget_exceeded"] is None
+    assert cert["steps_over_budget"] == 0
+    assert cert["max_step_drift"] >= cert["holdout_divergence"] >= 0
+
+    class Nudged(FIPMethod):
+        """Something outside the optimizer moves the weights after each step (a user's hook):
+        the guard certifies each step from where it starts, so the drift ends over budget."""
+
+        def after_step(self, model, lr):
+            super().after_step(model, lr)
+            if self._optimizer is not None:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(DriftBudgetWarning, match="went over its budget 0.001"):
+        over = run_continual(two, Nudged(guard=DriftGuard(budget=1e-3)), small_mlp, **kw)
+    over.to_json(tmp_path / "over.json")
+    cert = json.loads((tmp_path / "over.json").read_text())["diagnostics"][1]
+    assert cert["drift_budget"] == 1e-3 and cert["budget_exceeded"] is True
+    assert 0 < cert["steps_over_budget"] <= cert["steps"]
+    assert cert["max_step_drift"] > 1e-3
+
+    loose = run_continual(two, FIPMethod(guard=DriftGuard(budget=1e6)), small_mlp, **kw)
+    cert = loose.diagnostics[1]
+    assert cert["budget_exceeded"] is False and cert["steps_over_budget"] == 0

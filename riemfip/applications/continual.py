@@ -121,7 +121,12 @@ class ContinualResult(JsonRecord):
     config : dict
         Run settings (epochs, lr, batch size, seed, memory per class, ...).
     seconds : list of float
-        Training time of each task (including the method's end-of-task work).
+        Training time of each task (including the method's end-of-task work), wall clock.
+    cpu_seconds : list of float
+        The same, in CPU time of this process (``time.process_time``; steadier than wall
+        time on a shared machine).
+    steps : list of int
+        Optimizer steps of each task.
     diagnostics : list of dict
         The method's diagnostics after each task (e.g. EWC Fisher scale, FIP drift).
 
@@ -141,6 +146,8 @@ class ContinualResult(JsonRecord):
     accuracy: np.ndarray
     config: dict = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
     diagnostics: list[dict] = field(default_factory=list)
 
     @property
@@ -355,6 +362,8 @@ def run_continual(
     }
     rows: list[list[float]] = []
     seconds: list[float] = []
+    cpu_seconds: list[float] = []
+    task_steps: list[int] = []
     diagnostics: list[dict] = []
     start_task = 0
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -363,6 +372,8 @@ def run_continual(
         for part, holder in (("model", model), ("method", method), ("memory", memory)):
             holder.load_state_dict(saved.state[part])
         rows, seconds, diagnostics = (saved.state[k] for k in ("rows", "seconds", "diagnostics"))
+        cpu_seconds = list(saved.state.get("cpu_seconds", []))
+        task_steps = list(saved.state.get("steps", []))
         start_task = saved.step
 
     steps = 0
@@ -372,16 +383,18 @@ def run_continual(
     bar = tqdm(total=steps, disable=not progress, desc=f"{method.name}/{scenario}", leave=False)
     try:
         for t in range(start_task, len(tasks)):
-            tic = time.perf_counter()
+            tic, cpu_tic = time.perf_counter(), time.process_time()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_task_seed(seed, t))
                 gen = torch.Generator().manual_seed(_task_seed(seed, t))
-                _train_task(
+                n_steps = _train_task(
                     model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar
                 )
                 method.end_task(model, tasks[t], t, heads)
                 memory.add_task(tasks[t], t, gen)
             seconds.append(time.perf_counter() - tic)
+            cpu_seconds.append(time.process_time() - cpu_tic)
+            task_steps.append(n_steps)
             rows.append(evaluate(model, tasks, heads))
             diagnostics.append(method.diagnostics())
             bar.set_postfix_str(f"task {t}: {rows[-1][t]:.1f}%")
@@ -392,6 +405,8 @@ def run_continual(
                     "memory": memory.state_dict(),
                     "rows": rows,
                     "seconds": seconds,
+                    "cpu_seconds": cpu_seconds,
+                    "steps": task_steps,
                     "diagnostics": diagnostics,
                 }
                 save_checkpoint(_task_file(ckpt, t), state, settings=settings, step=t + 1)
@@ -406,12 +421,16 @@ def run_continual(
         accuracy=np.asarray(rows, dtype=float),
         config=config,
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
+        steps=task_steps,
         diagnostics=diagnostics,
     )
 
 
-def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar):
+def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar) -> int:
+    """Train task ``t``; the number of optimizer steps taken."""
     x, y, tid = method.training_data(t, tasks, memory)
+    steps = 0
     opt = method.optimizer(model, lr, t, memory)
     model.train()
     for _ in range(epochs):
@@ -429,6 +448,8 @@ def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, 
             opt.step()
             method.after_step(model, lr)
             bar.update(1)
+            steps += 1
+    return steps
 
 
 def _task_file(folder: Path, t: int) -> Path:

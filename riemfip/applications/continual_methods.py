@@ -25,6 +25,7 @@ the class-incremental scenario ``None`` (one shared head, no task identity).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -37,6 +38,7 @@ from riemfip.data import Dataset
 __all__ = [
     "EWC",
     "ContinualMethod",
+    "DriftBudgetWarning",
     "FIPMethod",
     "FineTune",
     "Heads",
@@ -399,6 +401,11 @@ class EWC(ContinualMethod):
         self.fishers = list(state["fishers"])
 
 
+class DriftBudgetWarning(UserWarning):
+    """A FIP task whose held-out anchor drift went over its :class:`~riemfip.optim.DriftGuard`
+    budget (see :meth:`FIPMethod.drift_certificate`)."""
+
+
 class FIPMethod(ContinualMethod):
     """Functionally invariant path: learn the new task while the outputs on the memory stay put.
 
@@ -420,6 +427,17 @@ class FIPMethod(ContinualMethod):
         ``damping``, ``guard=DriftGuard(0.01)``,
         ``anchors=AnchorSampling(transform=GaussianNoise(0.3))``); recorded in the result
         (objects by their ``repr``).
+
+    Notes
+    -----
+    **Drift certificate.** After each FIP task the diagnostics (and so the run's JSON
+    record) hold the held-out anchor drift at the end of the task (``holdout_divergence``,
+    ``holdout_agreement``), the largest held-out drift after any step
+    (``max_step_drift``), the budget of the :class:`~riemfip.optim.DriftGuard`
+    (``drift_budget``, ``None`` without one), the steps that ended over it
+    (``steps_over_budget``) and ``budget_exceeded``: whether the drift went over the budget
+    after any step or at the end (``None`` without a budget). A task whose drift went over
+    its budget also raises a :class:`DriftBudgetWarning` at its end.
     """
 
     name = "fip"
@@ -463,11 +481,50 @@ class FIPMethod(ContinualMethod):
         if self._optimizer is not None:
             self._steps.append(self._optimizer.last_info[0])
 
-    def diagnostics(self) -> dict:
-        """Held-out anchor drift after the task and step statistics of its FIP run."""
-        if self._optimizer is None:
+    def end_task(self, model, task, t, heads):
+        """Warn (:class:`DriftBudgetWarning`) when the task's drift went over its budget."""
+        cert = self.drift_certificate()
+        if cert.get("budget_exceeded"):
+            warnings.warn(
+                f"FIP, task {t}: the held-out anchor drift went over its budget "
+                f"{cert['drift_budget']:g} (largest after a step {cert['max_step_drift']:.4g}, "
+                f"{cert['steps_over_budget']} of {len(self._steps)} steps over, "
+                f"{cert['holdout_divergence']:.4g} at the end)",
+                DriftBudgetWarning,
+                stacklevel=2,
+            )
+
+    def drift_certificate(self) -> dict:
+        """Held-out drift at the end of the task and over its steps, against the budget.
+
+        Returns
+        -------
+        dict
+            ``holdout_divergence`` and ``holdout_agreement`` (the held-out drift at the
+            current weights), ``max_step_drift`` (largest held-out divergence after a step;
+            ``None`` before any step), ``drift_budget`` (``None`` without a budget),
+            ``steps_over_budget`` and ``budget_exceeded`` (whether the divergence was over
+            the budget after any step or is now; ``None`` without a budget). Empty while no
+            FIP optimizer has run (task 0).
+        """
+        opt = self._optimizer
+        if opt is None:
             return {}
-        out = {f"holdout_{k}": v for k, v in _jsonable(self._optimizer.anchor_drift()).items()}
+        out = {f"holdout_{k}": v for k, v in _jsonable(opt.anchor_drift()).items()}
+        budget = opt.guard.budget
+        over = sum(s.within_budget is False for s in self._steps)
+        final_over = budget is not None and out["holdout_divergence"] > budget
+        return out | {
+            "max_step_drift": max((s.drift.divergence for s in self._steps), default=None),
+            "drift_budget": budget,
+            "steps_over_budget": over,
+            "budget_exceeded": None if budget is None else bool(over or final_over),
+        }
+
+    def diagnostics(self) -> dict:
+        """The drift certificate (:meth:`drift_certificate`) and step statistics of the
+        task's FIP run."""
+        out = self.drift_certificate()
         if self._steps:
             n = len(self._steps)
             out |= {
