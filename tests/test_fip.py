@@ -549,6 +549,19 @@ def test_nan_loss_is_rejected_and_weights_untouched(task):
         opt.step(lambda: torch.tensor(float("nan")))
 
 
+def test_diverging_step_is_refused_and_weights_untouched(task):
+    # a finite gradient with a step too large to represent: the overflow is caught before
+    # anything is written, and the step count does not advance
+    net = copy.deepcopy(task["net"])
+    opt = FIP(net.parameters(), lr=1e308, model=net, anchor_inputs=task["anchors"])
+    w = flat(net)
+    (1e20 * nn.functional.cross_entropy(net(task["xb"]), task["yb"])).backward()
+    with pytest.raises(FloatingPointError, match="left as they were"):
+        opt.step()
+    assert torch.equal(flat(net), w)
+    assert opt.state[opt._groups[0].key]["step"] == 0
+
+
 def test_anchor_transform_of_wrong_shape_is_rejected(task):
     net = copy.deepcopy(task["net"])
     opt = FIP(

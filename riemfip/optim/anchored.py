@@ -357,6 +357,13 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
         x, y0 = self._step_anchors(group)
         secondary, correction, diag = self._direction(gi, param_group, state, w, grad, x, y0)
         new_w, drift, scale, shrunk = self._guarded_move(gi, w, secondary, correction)
+        if not bool(torch.isfinite(new_w.sum())):
+            state["step"] -= 1
+            raise FloatingPointError(
+                f"step {state['step']} of group {gi} is not finite (|grad| = "
+                f"{float(grad.norm()):.3g}); the weights are left as they were: lower lr "
+                "(the step diverged)"
+            )
         group.write(new_w)
         budget = self.guard.budget
         return PathStepInfo(
