@@ -306,7 +306,8 @@ class PullbackMetric:
             raise ValueError(
                 f"{what} needs the whole output Jacobian, whose rows are split over the "
                 f"{self.data_parallel.world_size} ranks of the process group; with a "
-                "process_group use solver/method 'cg' (or 'auto'), matvec or spectrum"
+                "process_group use the CG routes: solver/method 'cg' or 'auto' (and "
+                "jacobian='krylov' for manifolds.geodesic.shoot; collocation needs one process)"
             )
 
     def _factored_jacobian(self, w: torch.Tensor) -> JacobianOperator | None:
