@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,29 +52,33 @@ def ranks(tmp_path_factory) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     outs = [tmp / f"rank{r}.pt" for r in range(WORLD)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "data_parallel_case.py"), str(r), str(WORLD)]
-            + [str(tmp / "store"), str(outs[r])],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    logs = []
+    logs = [tmp / f"rank{r}.log" for r in range(WORLD)]  # files: a full pipe cannot block a rank
+    procs = []
+    for r in range(WORLD):
+        with open(logs[r], "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(HERE / "data_parallel_case.py"), str(r), str(WORLD)]
+                    + [str(tmp / "store"), str(outs[r])],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    deadline = time.monotonic() + TIMEOUT
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT)[0])
+            p.wait(timeout=max(deadline - time.monotonic(), 1.0))
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
-    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {r} failed (exit {p.returncode}):\n{log}"
+                p.wait()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed (exit {p.returncode}):\n{logs[r].read_text()}"
     return [torch.load(o, weights_only=False) for o in outs]
 
 
