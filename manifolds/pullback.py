@@ -46,6 +46,7 @@ from .conjugate_gradient import (
     solve_tolerance,
     status_of,
 )
+from .data_parallel import DataParallel
 from .dense_acceleration import dense_acceleration
 from .flat import FlatModule
 from .forward_ad import gram_vector_product
@@ -153,6 +154,9 @@ class PullbackMetric:
         self.module: FlatModule | None = None
         self.inputs: list[torch.Tensor] | None = None
         self._output_dim: int | None = None
+        #: The process group the task data is split over (:mod:`manifolds.data_parallel`),
+        #: or ``None``: set by :meth:`from_module` with a ``process_group``.
+        self.data_parallel: DataParallel | None = None
 
     @classmethod
     def from_module(
@@ -164,6 +168,7 @@ class PullbackMetric:
         output_metric: str | OutputMetric = "euclidean",
         damping: float = 0.0,
         check_inputs: bool = True,
+        process_group=None,
         **options,
     ) -> PullbackMetric:
         r"""The pullback metric of a network's outputs on ``inputs``.
@@ -185,6 +190,17 @@ class PullbackMetric:
             Feed the first batch to the network now, so that inputs it cannot take fail
             here (:func:`~manifolds.task_data.check_module_takes`); ``False`` for callers
             that have checked them already (one forward pass saved).
+        process_group : torch.distributed.ProcessGroup, optional
+            Data parallelism (:mod:`manifolds.data_parallel`): ``inputs`` are this rank's
+            shard of the task data, every rank of the group holds the same network and
+            weights, and :math:`g` is the average over the samples of all ranks,
+            :math:`g = N^{-1}\sum_r \sum_{b \in S_r} J_b^\top G J_b + \lambda I` with
+            :math:`N = \sum_r N_r`. Every rank must build the metric and then make the
+            same calls with the same ``w`` (each product, solve, spectrum, acceleration and
+            :meth:`inner` runs collectives), and every rank gets the same answer. Solves
+            and accelerations run CG on the all-reduced :meth:`matvec` (``solver="auto"``
+            picks it; ``"dense"`` and ``"output"`` raise ``ValueError``, since they need the
+            Jacobian rows of all ranks in one place), and :meth:`spectrum` runs Lanczos on it.
 
         Notes
         -----
@@ -196,6 +212,10 @@ class PullbackMetric:
         """
         flat = module if isinstance(module, FlatModule) else FlatModule(module, params)
         batches = as_batches(inputs)
+        # the collective check first: a shard that fails it fails on every rank at once
+        data_parallel = (
+            None if process_group is None else DataParallel.over(process_group, batches, flat.dim)
+        )
         if check_inputs:
             check_module_takes(flat, batches)
         metric = cls(
@@ -207,6 +227,7 @@ class PullbackMetric:
         )
         metric.module = flat
         metric.inputs = batches
+        metric.data_parallel = data_parallel
         return metric
 
     def __repr__(self) -> str:
@@ -243,16 +264,21 @@ class PullbackMetric:
 
         :math:`g(w) = J_F^\top J_F + \lambda I`, so :math:`\|F(w') - F(w)\|` is the
         first-order functional distance between two nearby weight vectors.
+
+        With a process group, this rank's part :math:`F_r` of :math:`F`: its own samples,
+        scaled by the global :math:`N^{-1/2}` (:mod:`manifolds.data_parallel`).
         """
         y = self.fn(w)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"fn must return a tensor, got {type(y).__name__}")
-        e = self.output_metric.embed_samples(y)
+        dp = self.data_parallel
+        e = self.output_metric.embed_samples(y, None if dp is None else dp.samples)
         self._output_dim = e.numel()
         return e
 
     def output_dim(self, w: torch.Tensor) -> int:
-        """:math:`m`, the number of embedded outputs (one forward pass the first time)."""
+        """:math:`m`, the number of embedded outputs (one forward pass the first time); with a
+        process group, this rank's."""
         if self._output_dim is None:
             with torch.no_grad():
                 self.embed(self.check_point(w))
@@ -269,8 +295,20 @@ class PullbackMetric:
     def jacobian_operator(self, w: torch.Tensor) -> JacobianOperator:
         r""":math:`J` at a checked point ``w`` as an operator (:mod:`manifolds.jacobian`): held
         exactly in factored form when every moved weight belongs to a supported layer,
-        else through :mod:`torch.func`."""
+        else through :mod:`torch.func`. Not with a process group (``ValueError``)."""
+        self._single_process("the Jacobian operator (output-space routes)")
         return jacobian_at(self.embed, w, self._factored_jacobian)
+
+    def _single_process(self, what: str) -> None:
+        """Raise ``ValueError`` for ``what`` on a data-parallel metric: routes that need the
+        whole output Jacobian :math:`J` (the rows of every rank) in one process."""
+        if self.data_parallel is not None:
+            raise ValueError(
+                f"{what} needs the whole output Jacobian, whose rows are split over the "
+                f"{self.data_parallel.world_size} ranks of the process group; with a "
+                "process_group use the CG routes: solver/method 'cg' or 'auto' (and "
+                "jacobian='krylov' for manifolds.geodesic.shoot; collocation needs one process)"
+            )
 
     def _factored_jacobian(self, w: torch.Tensor) -> JacobianOperator | None:
         """:math:`J` held exactly as layer inputs and output gradients
@@ -291,6 +329,8 @@ class PullbackMetric:
         (:func:`~manifolds.forward_ad.gram_vector_product`: one dual forward pass, one
         backward pass)."""
         gv = gram_vector_product(self.embed, w, v)
+        if self.data_parallel is not None:  # sum_r J_r^T J_r v
+            gv = self.data_parallel.all_reduce_sum(gv)
         if not self.damping:
             return gv
         # gv was made from a fresh cotangent; unless autograd handed back a broadcast
@@ -313,6 +353,8 @@ class PullbackMetric:
             ju = self._jvp(w, u)
             jv = ju if v is u else self._jvp(w, v)
             out = torch.dot(ju, jv)
+            if self.data_parallel is not None:  # sum_r (J_r u)^T (J_r v)
+                out = self.data_parallel.all_reduce_sum(out.reshape(1)).reshape(())
             return out + self.damping * torch.dot(u, v) if self.damping else out
 
     def norm(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -321,7 +363,9 @@ class PullbackMetric:
 
     # ------------------------------------------------------------ dense references
     def jacobian(self, w: torch.Tensor) -> torch.Tensor:
-        r"""Dense :math:`J_F(w)`, shape ``(m, n)``. For small problems and tests only."""
+        r"""Dense :math:`J_F(w)`, shape ``(m, n)``. For small problems and tests only; not with
+        a process group."""
+        self._single_process("the dense Jacobian")
         w = self.check_point(w)
         m, n = self.output_dim(w), w.numel()
         with torch.no_grad():
@@ -344,9 +388,18 @@ class PullbackMetric:
         From the output-space Gram when :math:`m` is at most ``output_max`` (exact; at most
         :math:`\operatorname{rank} J` pairs, the rest of the spectrum being :math:`\lambda`),
         else by Lanczos on :meth:`matvec` (:func:`~manifolds.spectrum.lanczos`, ``tol`` its
-        eigenvalue accuracy).
+        eigenvalue accuracy). With a process group always by Lanczos on the all-reduced
+        :meth:`matvec`, from the same fixed start vector on every rank (so that every
+        rank's iterations, and answer, are the same).
         """
         w = self.check_point(w)
+        if self.data_parallel is not None:
+            start = torch.randn(
+                w.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+            )
+            return lanczos(
+                lambda v: self._matvec(w, v), w, k, tol=tol, damping=self.damping, v0=start
+            )
         if self.output_dim(w) <= self.output_max:
             with torch.no_grad():
                 return self.output_gram(w).spectrum(k)
@@ -357,6 +410,10 @@ class PullbackMetric:
         method = self.solver if method is None else method
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if self.data_parallel is not None:
+            if method in ("dense", "output"):
+                self._single_process(f"the {method!r} solve")
+            return "cg"
         if method != "auto":
             return method
         if w.numel() <= self.dense_max:
@@ -491,6 +548,8 @@ class PullbackMetric:
                 self.jacobian_operator(w) if method == "output" else AutogradJacobian(self.embed, w)
             )
             rhs = -jac.vjp(h.unsqueeze(0))[0]  # the acceleration is g^{-1} of it
+            if self.data_parallel is not None:  # -sum_r J_r^T h_r
+                rhs = self.data_parallel.all_reduce_sum(rhs)
             if method == "cg":
                 return self._solve(w, rhs, x0, method, tol, maxiter)
             if method == "dense":
@@ -504,7 +563,9 @@ class PullbackMetric:
     def dense_acceleration(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r""":math:`-g^{-1}J^\top D^2F[v, v]` by dense algebra, as a pure tensor function
         (:func:`~manifolds.dense_acceleration.dense_acceleration`): differentiable and
-        batchable by :mod:`torch.func`, for small :math:`n` only; no checks."""
+        batchable by :mod:`torch.func`, for small :math:`n` only; no checks. Not with a
+        process group."""
+        self._single_process("the dense acceleration")
         return dense_acceleration(self.embed, self.damping, w, v)
 
 

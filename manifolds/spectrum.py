@@ -67,12 +67,15 @@ def lanczos(
     *,
     tol: float = 0.0,
     damping: float = 0.0,
+    v0: torch.Tensor | None = None,
 ) -> Spectrum:
     r"""Top ``k`` eigenpairs of the symmetric operator ``matvec`` on vectors shaped like ``like``.
 
     Runs :func:`scipy.sparse.linalg.eigsh` (``which="LA"``) in float64 on the CPU, each
     iteration one ``matvec`` in ``like``'s dtype and device; ``tol`` is eigsh's relative
-    accuracy of the eigenvalues (0: machine precision).
+    accuracy of the eigenvalues (0: machine precision). ``v0`` is the start vector (length
+    :math:`n`; default ARPACK's own random one, which differs from call to call): a fixed one
+    makes the iterations reproducible, e.g. the same on every rank of a process group.
 
     Raises
     ------
@@ -90,7 +93,8 @@ def lanczos(
         return matvec(v).detach().double().cpu().numpy()
 
     op = LinearOperator((n, n), matvec=apply, dtype=np.float64)
-    evals, evecs = eigsh(op, k=k, which="LA", tol=tol)
+    start = None if v0 is None else v0.detach().reshape(-1).double().cpu().numpy()
+    evals, evecs = eigsh(op, k=k, which="LA", tol=tol, v0=start)
     order = np.argsort(evals)[::-1]
     values = torch.as_tensor(evals[order].copy(), dtype=like.dtype, device=like.device)
     vectors = torch.as_tensor(evecs[:, order].copy(), dtype=like.dtype, device=like.device)

@@ -46,7 +46,13 @@ relax: the gradient rule
 
 from .collocation import collocation
 from .endpoints import check_endpoints, default_tol, endpoint_flow
-from .energy import chord_energy, chord_lengths, discrete_energy, midpoint_speeds
+from .energy import (
+    chord_energy,
+    chord_lengths,
+    discrete_energy,
+    feature_chord_lengths,
+    midpoint_speeds,
+)
 from .flow import MetricAcceleration, default_flow_tol, expmap_approximation, integrate_geodesic
 from .path import GeodesicPath, NonFiniteError, hermite
 from .relax import relax
@@ -67,6 +73,7 @@ __all__ = [
     "discrete_energy",
     "endpoint_flow",
     "expmap_approximation",
+    "feature_chord_lengths",
     "fixed_step_flow",
     "hermite",
     "integrate_geodesic",

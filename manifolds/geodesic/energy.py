@@ -19,13 +19,26 @@ The midpoint rule measures each segment with the metric itself instead:
 :math:`s_k = \|w_{k+1} - w_k\|_{g(\bar w_k)}` at :math:`\bar w_k = \tfrac12(w_k + w_{k+1})`,
 length :math:`\sum_k s_k` and energy :math:`\tfrac12\sum_k s_k^2/(t_{k+1} - t_k)`, the same
 chord formula with :math:`s_k` in place of the embedded chords and no damping term.
+
+Data parallelism: for a metric whose task data is split over a process group
+(:mod:`manifolds.data_parallel`), each rank's :math:`F_r` holds its own samples and
+:math:`\|\Delta F_k\|^2 = \sum_r \|\Delta F_{r,k}\|^2`, so the squared embedded chords are
+all-reduced (once per evaluation, differentiably: every rank gets the energy, and the
+gradient in the points, of the union of the shards); the damping term, on replicated
+weights, is counted once. :meth:`~manifolds.PullbackMetric.norm` all-reduces by itself.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["chord_energy", "chord_lengths", "discrete_energy", "midpoint_speeds"]
+__all__ = [
+    "chord_energy",
+    "chord_lengths",
+    "discrete_energy",
+    "feature_chord_lengths",
+    "midpoint_speeds",
+]
 
 
 def chord_lengths(points: torch.Tensor) -> torch.Tensor:
@@ -38,13 +51,16 @@ def chord_energy(
     weight_lengths: torch.Tensor | float,
     t: torch.Tensor,
     damping: float,
+    *,
+    squared: bool = False,
 ) -> torch.Tensor:
     r""":math:`\tfrac12 \sum_k (\|\Delta F_k\|^2 + \lambda \|\Delta w_k\|^2) / \Delta t_k`
     from the chord lengths (tensors of shape ``(K-1,)``) and the times ``t`` (shape ``(K,)``).
-    Differentiable in the lengths."""
-    total = feature_lengths.square()
+    Differentiable in the lengths; with ``squared=True`` the lengths are given squared,
+    :math:`\|\Delta F_k\|^2` and :math:`\|\Delta w_k\|^2` (differentiable at zero chords too)."""
+    total = feature_lengths if squared else feature_lengths.square()
     if damping:
-        total = total + damping * weight_lengths.square()
+        total = total + damping * (weight_lengths if squared else weight_lengths.square())
     return 0.5 * (total / t.diff()).sum()
 
 
@@ -55,8 +71,26 @@ def discrete_energy(metric, points: torch.Tensor, t: torch.Tensor | None = None)
         raise ValueError(f"points must have shape (K, n) with K >= 2, got {tuple(points.shape)}")
     if t is None:
         t = torch.linspace(0.0, 1.0, points.shape[0], dtype=points.dtype, device=points.device)
-    features = torch.stack([metric.embed(p) for p in points])
-    return chord_energy(chord_lengths(features), chord_lengths(points), t, metric.damping)
+    dp = getattr(metric, "data_parallel", None)
+    if dp is None:
+        features = torch.stack([metric.embed(p) for p in points])
+        return chord_energy(chord_lengths(features), chord_lengths(points), t, metric.damping)
+    # sum_r |dF_{r,k}|^2, the points' gradient summed over ranks (DataParallel.shared)
+    features = torch.stack([metric.embed(p) for p in dp.shared(points)])
+    squares = dp.sum(features.diff(dim=0).square().sum(1))
+    steps = points.diff(dim=0).square().sum(1)
+    return chord_energy(squares, steps, t, metric.damping, squared=True)
+
+
+def feature_chord_lengths(metric, features: torch.Tensor) -> torch.Tensor:
+    r""":math:`\|F(w_{k+1}) - F(w_k)\|` over all the metric's samples, from the rows of
+    ``features`` (shape ``(K, m)``, :meth:`~manifolds.PullbackMetric.embed` at each point),
+    shape ``(K-1,)``: :func:`chord_lengths`, or for a data-parallel metric (rows of this rank's
+    samples) :math:`(\sum_r \|\Delta F_{r,k}\|^2)^{1/2}`, the same on every rank."""
+    dp = getattr(metric, "data_parallel", None)
+    if dp is None:
+        return chord_lengths(features)
+    return dp.sum(features.diff(dim=0).square().sum(1)).sqrt()
 
 
 def midpoint_speeds(metric, points: torch.Tensor) -> torch.Tensor:

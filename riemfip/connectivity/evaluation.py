@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from manifolds import FlatModule, PullbackMetric, as_batches
-from manifolds.geodesic import chord_energy, chord_lengths
+from manifolds.geodesic import chord_energy, chord_lengths, feature_chord_lengths
 
 from ..labelled import labelled_pair
 from ..records import JsonRecord
@@ -320,7 +320,8 @@ def path_energy(
             if layers and batches is not None:
                 _recompute_batchnorm(flat, layers, w, batches)
             embedded.append(_embedded(metric, w))
-    return _chord_energy(_lengths(torch.stack(embedded)), _lengths(points), t, metric.damping)
+    df = feature_chord_lengths(metric, torch.stack(embedded)).double().cpu()
+    return _chord_energy(df, _lengths(points), t, metric.damping)
 
 
 def evaluate_path(
@@ -399,7 +400,7 @@ def evaluate_path(
     dw = _lengths(points)
     function_length = energy = None
     if metric is not None:
-        df = _lengths(torch.stack(embedded))
+        df = feature_chord_lengths(metric, torch.stack(embedded)).double().cpu()
         function_length = float(df.sum())
         energy = _chord_energy(df, dw, t, metric.damping)
     return PathEvaluation(

@@ -18,7 +18,14 @@ where they were. :class:`PathOptimizer` holds everything but the direction of a 
   restored after each step, so train-mode forward passes on the new task do not overwrite
   them (Dropout is the user's: it acts in their forward pass, never in the metric's);
 * ``state_dict``/``load_state_dict``, with the frozen outputs, the generator and the anchor
-  order, so that a resumed run takes the same steps.
+  order, so that a resumed run takes the same steps;
+* data parallelism (``process_group``): each rank computes the secondary loss on its own
+  batch, and :meth:`PathOptimizer.step` averages the gradients over the ranks,
+  :math:`\nabla L = R^{-1}\sum_r \nabla L_r`, as
+  :class:`~torch.nn.parallel.DistributedDataParallel` does
+  (:meth:`~manifolds.data_parallel.DataParallel.mean`). The anchors are replicated: every rank
+  holds the same anchor inputs, weights and sampling seed, so every rank then takes the
+  same step without further communication.
 
 Subclasses give :meth:`PathOptimizer._direction`.
 """
@@ -35,6 +42,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from manifolds import PullbackMetric, WeightSpace
+from manifolds.data_parallel import DataParallel
 from manifolds.flat import FlatModule
 from manifolds.output_metrics import OutputMetric, Sketched, get_output_metric
 
@@ -136,7 +144,9 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
         output_metric: str | OutputMetric | None,
         anchors: AnchorSampling | None,
         guard: DriftGuard | None,
+        process_group=None,
     ):
+        self._data_parallel = None if process_group is None else DataParallel.checked(process_group)
         anchors = AnchorSampling() if anchors is None else anchors
         guard = DriftGuard() if guard is None else guard
         if not isinstance(anchors, AnchorSampling):
@@ -342,6 +352,8 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
                 f"no parameter of group {gi} has a gradient: compute the secondary loss and "
                 "call loss.backward() before opt.step()"
             )
+        if self._data_parallel is not None:  # before the check, so that every rank raises
+            grad = self._data_parallel.mean(grad)
         if not bool(torch.isfinite(grad.sum())):
             raise ValueError(
                 f"the gradient of group {gi} contains NaN or Inf (a NaN or infinite loss?); "

@@ -114,6 +114,11 @@ class FIP(PathOptimizer):
         Strength of the pull-back toward the frozen outputs (full by default).
     guard : DriftGuard, optional
         Drift budget (none by default; drift is measured every step regardless).
+    process_group : torch.distributed.ProcessGroup, optional
+        Data parallelism: every rank runs the same loop on its own batch of the new task
+        and :meth:`step` averages the gradients over the ranks (as
+        :class:`~torch.nn.parallel.DistributedDataParallel` does); the anchors, weights and
+        options must be the same on every rank, which then all take the same step.
 
     Attributes
     ----------
@@ -155,6 +160,7 @@ class FIP(PathOptimizer):
         anchors: AnchorSampling | None = None,
         pullback: PullBack | None = None,
         guard: DriftGuard | None = None,
+        process_group=None,
     ):
         defaults = dict(
             lr=check_number("lr", lr, low=0, low_open=True),
@@ -173,6 +179,7 @@ class FIP(PathOptimizer):
             output_metric=output_metric,
             anchors=anchors,
             guard=guard,
+            process_group=process_group,
         )
 
     def _init_group(self, gi, group) -> None:

@@ -31,7 +31,7 @@ class FIPPenalty(PathOptimizer):
 
     Parameters
     ----------
-    params, model, anchor_inputs, holdout_inputs, anchors, guard
+    params, model, anchor_inputs, holdout_inputs, anchors, guard, process_group
         As for :class:`~riemfip.optim.FIP`.
     lr : float
         :math:`\eta`, the Euclidean length of each step.
@@ -57,6 +57,7 @@ class FIPPenalty(PathOptimizer):
         output_metric: str | OutputMetric | None = None,
         anchors: AnchorSampling | None = None,
         guard: DriftGuard | None = None,
+        process_group=None,
     ):
         defaults = dict(
             lr=check_number("lr", lr, low=0, low_open=True),
@@ -71,6 +72,7 @@ class FIPPenalty(PathOptimizer):
             output_metric=output_metric,
             anchors=anchors,
             guard=guard,
+            process_group=process_group,
         )
 
     def penalty_gradient(self, gi: int, w: torch.Tensor, x: torch.Tensor, y0: torch.Tensor):
