@@ -195,7 +195,7 @@ def run_task_b(net, make_opt, x, y, *, epochs: int, batch: int, seed: int) -> di
                 shares.append(info[0].protected_share)
                 kept.append(info[0].kept_fraction)
                 over += info[0].within_budget is False
-    except (ValueError, RuntimeError) as err:  # FIP refuses NaN weights or gradients
+    except (ValueError, RuntimeError, FloatingPointError) as err:  # FIP refuses to diverge
         error = f"step {steps + 1}: {type(err).__name__}: {err}"
     cpu = time.process_time() - c0
     out = {"steps": steps, "setup_s": setup, "step_ms": 1e3 * cpu / max(steps, 1)}
