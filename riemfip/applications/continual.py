@@ -1,7 +1,7 @@
 r"""Continual learning: train a network on a sequence of tasks and measure forgetting.
 
 :func:`run_continual` trains one network on tasks ``0, 1, ...`` in turn with a
-:class:`~riemfip.applications.continual_methods.ContinualMethod` (fine-tuning,
+:class:`~riemfip.applications.continual_base.ContinualMethod` (fine-tuning,
 EWC, experience replay, joint training, or a functionally invariant path) and
 evaluates it on every task's test set after each one, giving the accuracy matrix
 :math:`R_{ij}` = accuracy (%) on task :math:`j` after training task :math:`i`.
