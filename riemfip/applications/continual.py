@@ -332,15 +332,7 @@ def run_continual(
     tasks = _check_tasks(tasks)
     method = make_method(method)
     lr = _check_run_arguments(model_fn, scenario, epochs, batch_size, lr)
-
-    x0 = tasks[0].x_train
-    device, dtype = x0.device, (x0.dtype if x0.is_floating_point() else None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_fn()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
-    model.to(device=device, dtype=dtype)
+    model = _build_model(model_fn, tasks[0].x_train, seed)
     heads = _heads(tasks, scenario)
     memory = Memory(memory_per_class)
     config = {
@@ -360,56 +352,22 @@ def run_continual(
         "tasks": [t.name for t in tasks],
         **config,
     }
-    rows: list[list[float]] = []
-    seconds: list[float] = []
-    cpu_seconds: list[float] = []
-    task_steps: list[int] = []
-    diagnostics: list[dict] = []
-    start_task = 0
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
-    saved = _latest_checkpoint(ckpt, len(tasks), settings, device)
-    if saved is not None:
-        for part, holder in (("model", model), ("method", method), ("memory", memory)):
-            holder.load_state_dict(saved.state[part])
-        rows, seconds, diagnostics = (saved.state[k] for k in ("rows", "seconds", "diagnostics"))
-        cpu_seconds = list(saved.state.get("cpu_seconds", []))
-        task_steps = list(saved.state.get("steps", []))
-        start_task = saved.step
-
-    steps = 0
-    for t in range(start_task, len(tasks)):
-        x, _, _ = method.training_data(t, tasks, memory)
-        steps += epochs * math.ceil(len(x) / batch_size)
+    device = tasks[0].x_train.device
+    history, start_task = _resume(ckpt, len(tasks), settings, device, model, method, memory)
+    steps = _steps_left(method, tasks, memory, start_task, epochs, batch_size)
     bar = tqdm(total=steps, disable=not progress, desc=f"{method.name}/{scenario}", leave=False)
     try:
         for t in range(start_task, len(tasks)):
             tic, cpu_tic = time.perf_counter(), time.process_time()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_task_seed(seed, t))
-                gen = torch.Generator().manual_seed(_task_seed(seed, t))
-                n_steps = _train_task(
-                    model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar
-                )
-                method.end_task(model, tasks[t], t, heads)
-                memory.add_task(tasks[t], t, gen)
-            seconds.append(time.perf_counter() - tic)
-            cpu_seconds.append(time.process_time() - cpu_tic)
-            task_steps.append(n_steps)
-            rows.append(evaluate(model, tasks, heads))
-            diagnostics.append(method.diagnostics())
-            bar.set_postfix_str(f"task {t}: {rows[-1][t]:.1f}%")
+            n_steps = _learn_task(
+                model, method, tasks, t, memory, heads, epochs, lr, batch_size, seed, bar
+            )
+            seconds, cpu_seconds = time.perf_counter() - tic, time.process_time() - cpu_tic
+            history.add(seconds, cpu_seconds, n_steps, evaluate(model, tasks, heads), method)
+            bar.set_postfix_str(f"task {t}: {history.rows[-1][t]:.1f}%")
             if ckpt is not None:
-                state = {
-                    "model": model.state_dict(),
-                    "method": method.state_dict(),
-                    "memory": memory.state_dict(),
-                    "rows": rows,
-                    "seconds": seconds,
-                    "cpu_seconds": cpu_seconds,
-                    "steps": task_steps,
-                    "diagnostics": diagnostics,
-                }
-                save_checkpoint(_task_file(ckpt, t), state, settings=settings, step=t + 1)
+                _save_task(ckpt, t, settings, model, method, memory, history)
     finally:
         bar.close()
     return ContinualResult(
@@ -418,13 +376,107 @@ def run_continual(
         scenario=scenario,
         tasks=[t.name for t in tasks],
         task_classes=[list(t.labels) for t in tasks],
-        accuracy=np.asarray(rows, dtype=float),
+        accuracy=np.asarray(history.rows, dtype=float),
         config=config,
-        seconds=seconds,
-        cpu_seconds=cpu_seconds,
-        steps=task_steps,
-        diagnostics=diagnostics,
+        seconds=history.seconds,
+        cpu_seconds=history.cpu_seconds,
+        steps=history.steps,
+        diagnostics=history.diagnostics,
     )
+
+
+def _build_model(model_fn, x: torch.Tensor, seed: int) -> nn.Module:
+    """``model_fn()`` under ``torch.manual_seed(seed)`` (the global RNG state restored), on
+    the device and floating dtype of the inputs ``x``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+    model.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+    return model
+
+
+@dataclass
+class _History:
+    """What a run has measured, one entry per finished task; saved in each checkpoint."""
+
+    rows: list[list[float]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    diagnostics: list[dict] = field(default_factory=list)
+
+    def add(self, seconds, cpu_seconds, steps, accuracy, method) -> None:
+        """Record a finished task: its times and steps, the accuracy on every task after it,
+        and the method's diagnostics (read now)."""
+        self.seconds.append(seconds)
+        self.cpu_seconds.append(cpu_seconds)
+        self.steps.append(steps)
+        self.rows.append(accuracy)
+        self.diagnostics.append(method.diagnostics())
+
+    def state(self) -> dict:
+        """The checkpointed part of a run's state."""
+        return {
+            "rows": self.rows,
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "steps": self.steps,
+            "diagnostics": self.diagnostics,
+        }
+
+
+def _resume(folder, num_tasks, settings, device, model, method, memory) -> tuple[_History, int]:
+    """The history so far and the first task to train: from the last checkpoint in
+    ``folder`` (restoring ``model``, ``method`` and ``memory`` from it), else empty and 0."""
+    saved = _latest_checkpoint(folder, num_tasks, settings, device)
+    if saved is None:
+        return _History(), 0
+    for part, holder in (("model", model), ("method", method), ("memory", memory)):
+        holder.load_state_dict(saved.state[part])
+    history = _History(
+        rows=saved.state["rows"],
+        seconds=saved.state["seconds"],
+        cpu_seconds=list(saved.state.get("cpu_seconds", [])),
+        steps=list(saved.state.get("steps", [])),
+        diagnostics=saved.state["diagnostics"],
+    )
+    return history, saved.step
+
+
+def _steps_left(method, tasks, memory, start_task, epochs, batch_size) -> int:
+    """The optimizer steps of tasks ``start_task, ...`` (the progress bar's total)."""
+    steps = 0
+    for t in range(start_task, len(tasks)):
+        x, _, _ = method.training_data(t, tasks, memory)
+        steps += epochs * math.ceil(len(x) / batch_size)
+    return steps
+
+
+def _learn_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, seed, bar) -> int:
+    """Train task ``t`` under its own seed (the global RNG state restored afterwards), then
+    let the method and the memory close it; the number of optimizer steps taken."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_task_seed(seed, t))
+        gen = torch.Generator().manual_seed(_task_seed(seed, t))
+        n_steps = _train_task(
+            model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar
+        )
+        method.end_task(model, tasks[t], t, heads)
+        memory.add_task(tasks[t], t, gen)
+    return n_steps
+
+
+def _save_task(folder: Path, t: int, settings: dict, model, method, memory, history) -> None:
+    """Checkpoint the run after task ``t`` (:func:`~riemfip.checkpoint.save_checkpoint`)."""
+    state = {
+        "model": model.state_dict(),
+        "method": method.state_dict(),
+        "memory": memory.state_dict(),
+        **history.state(),
+    }
+    save_checkpoint(_task_file(folder, t), state, settings=settings, step=t + 1)
 
 
 def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar) -> int:
