@@ -17,7 +17,8 @@ its constructor arguments (``config()``); whatever it learns across tasks is in
 The base (:class:`~riemfip.applications.continual_base.ContinualMethod`, the task
 :class:`~riemfip.applications.continual_base.Heads` and the replay
 :class:`~riemfip.applications.continual_base.Memory`) is in
-:mod:`riemfip.applications.continual_base` and :class:`FIPMethod` in
+:mod:`riemfip.applications.continual_base`, and
+:class:`~riemfip.applications.continual_fip.FIPMethod` in
 :mod:`riemfip.applications.continual_fip`; both are re-exported here, so that every
 method, and what a method takes, can be imported from this one module.
 """
