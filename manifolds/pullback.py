@@ -39,19 +39,14 @@ import torch
 from torch import nn
 from torch.func import jacfwd, jacrev, jvp
 
-from .conjugate_gradient import (
-    SolveResult,
-    conjugate_gradient,
-    report_failure,
-    solve_tolerance,
-    status_of,
-)
+from . import pullback_solves as solves
+from .conjugate_gradient import SolveResult
 from .data_parallel import DataParallel
 from .dense_acceleration import dense_acceleration
 from .flat import FlatModule
 from .forward_ad import gram_vector_product
 from .gram import OutputGram
-from .jacobian import AutogradJacobian, JacobianOperator, jacobian_at
+from .jacobian import JacobianOperator, jacobian_at
 from .layer_jacobian import module_jacobian
 from .output_metrics import OutputMetric, get_output_metric
 from .spectrum import Spectrum, lanczos
@@ -59,8 +54,6 @@ from .task_data import ModuleOutputs, as_batches, check_module_takes
 from .validation import check_vector
 
 __all__ = ["PullbackMetric"]
-
-_METHODS = ("auto", "dense", "output", "cg")
 
 
 class PullbackMetric:
@@ -139,8 +132,8 @@ class PullbackMetric:
         damping = float(damping)
         if not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite number >= 0, got {damping}")
-        if solver not in _METHODS:
-            raise ValueError(f"solver must be one of {_METHODS}, got {solver!r}")
+        if solver not in solves.METHODS:
+            raise ValueError(f"solver must be one of {solves.METHODS}, got {solver!r}")
         if on_failure not in ("warn", "raise", "ignore"):
             raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
         self.fn = fn
@@ -407,51 +400,8 @@ class PullbackMetric:
 
     # ------------------------------------------------------------ solves
     def _method(self, w: torch.Tensor, method: str | None) -> str:
-        method = self.solver if method is None else method
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-        if self.data_parallel is not None:
-            if method in ("dense", "output"):
-                self._single_process(f"the {method!r} solve")
-            return "cg"
-        if method != "auto":
-            return method
-        if w.numel() <= self.dense_max:
-            return "dense"
-        if self.output_dim(w) <= self.output_max:
-            return "output"
-        return "cg"
-
-    def _residual(self, w, x, b) -> float:
-        bnorm = float(torch.linalg.vector_norm(b))
-        if bnorm == 0:
-            return 0.0
-        return float(torch.linalg.vector_norm(b - self._matvec(w, x))) / bnorm
-
-    def _direct_result(self, x, w, b, tol, method) -> SolveResult:
-        """A direct solve's answer with its measured residual, held to the direct tolerance."""
-        tol = solve_tolerance(b.dtype, self.tol if tol is None else tol, direct=True)
-        r = self._residual(w, x, b)
-        return SolveResult(x, r, 0, status_of(r, tol), method, tol)
-
-    def _solve(self, w, b, x0, method, tol, maxiter) -> SolveResult:
-        method = self._method(w, method)
-        with torch.no_grad():
-            if method == "cg":
-                res = conjugate_gradient(
-                    lambda v: self._matvec(w, v),
-                    b,
-                    x0=x0,
-                    tol=solve_tolerance(b.dtype, self.tol if tol is None else tol),
-                    maxiter=self.maxiter if maxiter is None else maxiter,
-                )
-            elif method == "dense":
-                res = self._direct_result(_dense_solve(self.dense(w), b), w, b, tol, method)
-            else:
-                x = OutputGram(self.jacobian_operator(w), self.damping).weight_solve(b)
-                res = self._direct_result(x, w, b, tol, method)
-        report_failure(res, self.on_failure)
-        return res
+        """The solve route at ``w`` (:func:`~manifolds.pullback_solves.choose_method`)."""
+        return solves.choose_method(self, w, method)
 
     def solve(
         self,
@@ -496,7 +446,7 @@ class PullbackMetric:
     ) -> SolveResult:
         """:meth:`solve` with its :class:`~manifolds.conjugate_gradient.SolveResult`
         (solution, residual, iterations, status, method)."""
-        return self._solve(*self._checked(w, "b", b, x0), method, tol, maxiter)
+        return solves.solve(self, *self._checked(w, "b", b, x0), method, tol, maxiter)
 
     def acceleration(
         self,
@@ -531,34 +481,13 @@ class PullbackMetric:
     ) -> SolveResult:
         """:meth:`acceleration` with its :class:`~manifolds.conjugate_gradient.SolveResult`."""
         w, v, x0 = self._checked(w, "v", v, x0)
-        return self._acceleration(w, v, method, tol, maxiter, x0)
+        return solves.acceleration(self, w, v, method, tol, maxiter, x0)
 
     def _checked(self, w, name, b, x0):
         """The point, a tangent called ``name`` and an optional warm start, checked."""
         w = self.check_point(w)
         b = self.check_tangent(name, b, w)
         return w, b, None if x0 is None else self.check_tangent("x0", x0, w)
-
-    def _acceleration(self, w, v, method=None, tol=None, maxiter=None, x0=None) -> SolveResult:
-        method = self._method(w, method)
-        with torch.no_grad():
-            h = self._second_derivative(w, v)
-            # the output route needs J itself; the others only -J^T h (one reverse pass)
-            jac = (
-                self.jacobian_operator(w) if method == "output" else AutogradJacobian(self.embed, w)
-            )
-            rhs = -jac.vjp(h.unsqueeze(0))[0]  # the acceleration is g^{-1} of it
-            if self.data_parallel is not None:  # -sum_r J_r^T h_r
-                rhs = self.data_parallel.all_reduce_sum(rhs)
-            if method == "cg":
-                return self._solve(w, rhs, x0, method, tol, maxiter)
-            if method == "dense":
-                a = self.dense_acceleration(w, v)
-            else:  # -J^T (K + l I)^{-1} h: no weight-space solve at all
-                a = -OutputGram(jac, self.damping).least_squares_step(h)
-            res = self._direct_result(a, w, rhs, tol, method)
-        report_failure(res, self.on_failure)
-        return res
 
     def dense_acceleration(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r""":math:`-g^{-1}J^\top D^2F[v, v]` by dense algebra, as a pure tensor function
@@ -567,11 +496,3 @@ class PullbackMetric:
         process group."""
         self._single_process("the dense acceleration")
         return dense_acceleration(self.embed, self.damping, w, v)
-
-
-def _dense_solve(g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """:math:`g^{-1} b` by Cholesky; the pseudo-inverse when :math:`g` is singular."""
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) == 0:
-        return torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
-    return torch.linalg.pinv(g, hermitian=True) @ b

@@ -1,7 +1,7 @@
 r"""Continual learning: train a network on a sequence of tasks and measure forgetting.
 
 :func:`run_continual` trains one network on tasks ``0, 1, ...`` in turn with a
-:class:`~riemfip.applications.continual_methods.ContinualMethod` (fine-tuning,
+:class:`~riemfip.applications.continual_base.ContinualMethod` (fine-tuning,
 EWC, experience replay, joint training, or a functionally invariant path) and
 evaluates it on every task's test set after each one, giving the accuracy matrix
 :math:`R_{ij}` = accuracy (%) on task :math:`j` after training task :math:`i`.
@@ -46,8 +46,6 @@ from riemfip.data import Dataset
 
 from ..checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
 from ..labelled import check_dataset
-from ..plotting import png_figure
-from ..records import JsonRecord
 from .continual_methods import (
     EWC,
     ContinualMethod,
@@ -58,6 +56,7 @@ from .continual_methods import (
     Memory,
     Replay,
 )
+from .continual_result import ContinualResult, forgetting
 from .gpm import GPM
 
 __all__ = ["METHODS", "ContinualResult", "forgetting", "make_method", "run_continual"]
@@ -84,136 +83,6 @@ def make_method(method: str | ContinualMethod) -> ContinualMethod:
     raise ValueError(
         f"unknown method {method!r}; expected one of {sorted(METHODS)} or a ContinualMethod"
     )
-
-
-def forgetting(accuracy: np.ndarray) -> tuple[float, list[float]]:
-    """Average and per-task forgetting of an accuracy matrix ``R[i, j]``.
-
-    Forgetting of task ``j < T-1`` is ``max(R[j:T-1, j]) - R[T-1, j]``: its best
-    accuracy after it was learned and before the last task, minus its final
-    accuracy. With a single task there is nothing to forget (``nan``, ``[]``).
-    """
-    r = np.asarray(accuracy, dtype=float)
-    if r.ndim != 2 or r.shape[0] != r.shape[1]:
-        raise ValueError(f"accuracy must be a square matrix, got shape {r.shape}")
-    n = r.shape[0]
-    per_task = [float(r[j : n - 1, j].max() - r[n - 1, j]) for j in range(n - 1)]
-    return (float(np.mean(per_task)) if per_task else math.nan), per_task
-
-
-@dataclass
-class ContinualResult(JsonRecord):
-    """Outcome of :func:`run_continual`.
-
-    Attributes
-    ----------
-    method : str
-    method_config : dict
-        The method's hyperparameters.
-    scenario : {"task", "class"}
-    tasks : list of str
-        Task names.
-    task_classes : list of list of int
-        The labels of each task.
-    accuracy : numpy.ndarray
-        ``(T, T)``: ``accuracy[i, j]`` is the test accuracy (%) on task ``j`` after
-        training task ``i`` (entries ``j > i`` are tasks not yet trained).
-    config : dict
-        Run settings (epochs, lr, batch size, seed, memory per class, ...).
-    seconds : list of float
-        Training time of each task (including the method's end-of-task work), wall clock.
-    cpu_seconds : list of float
-        The same, in CPU time of this process (``time.process_time``; steadier than wall
-        time on a shared machine).
-    steps : list of int
-        Optimizer steps of each task.
-    diagnostics : list of dict
-        The method's diagnostics after each task (e.g. EWC Fisher scale, FIP drift).
-
-    Notes
-    -----
-    The JSON record (:meth:`to_json`, tagged ``"application": "continual"``) also holds
-    ``average_accuracy``, ``forgetting`` and ``per_task_forgetting``.
-    """
-
-    application = "continual"
-
-    method: str
-    method_config: dict
-    scenario: str
-    tasks: list[str]
-    task_classes: list[list[int]]
-    accuracy: np.ndarray
-    config: dict = field(default_factory=dict)
-    seconds: list[float] = field(default_factory=list)
-    cpu_seconds: list[float] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    diagnostics: list[dict] = field(default_factory=list)
-
-    @property
-    def average_accuracy(self) -> float:
-        """Mean final accuracy over all tasks (%)."""
-        return float(np.mean(self.accuracy[-1]))
-
-    @property
-    def forgetting(self) -> float:
-        """Mean forgetting over the tasks before the last (percentage points)."""
-        return forgetting(self.accuracy)[0]
-
-    @property
-    def per_task_forgetting(self) -> list[float]:
-        return forgetting(self.accuracy)[1]
-
-    def to_dict(self) -> dict:
-        """JSON-ready dictionary: the fields, then the summary numbers (not read back)."""
-        fg = self.forgetting
-        return {
-            **super().to_dict(),
-            "average_accuracy": self.average_accuracy,
-            "forgetting": None if math.isnan(fg) else fg,
-            "per_task_forgetting": self.per_task_forgetting,
-        }
-
-    def summary(self) -> str:
-        """A few lines: the accuracy matrix, average accuracy and forgetting."""
-        width = max(8, *(len(t) for t in self.tasks))
-        head = " " * 14 + "".join(f"{t:>{width + 1}}" for t in self.tasks)
-        rows = [
-            f"after task {i:<3d}" + "".join(f"{a:>{width + 1}.1f}" for a in row)
-            for i, row in enumerate(self.accuracy)
-        ]
-        fg = self.forgetting
-        tail = f"average accuracy {self.average_accuracy:.1f}%, forgetting " + (
-            "n/a" if math.isnan(fg) else f"{fg:.1f} points"
-        )
-        return "\n".join([f"{self.method} ({self.scenario}-incremental)", head, *rows, tail])
-
-    def plot_heatmap(self, file: str | Path, *, title: str | None = None) -> Path:
-        """Write the accuracy matrix as a PNG heat map (needs matplotlib) and return the path."""
-        r = np.asarray(self.accuracy)
-        n = r.shape[0]
-        with png_figure(file, figsize=(2.6 + 0.9 * n, 1.4 + 0.8 * n)) as (fig, ax):
-            im = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
-            for i in range(n):
-                for j in range(n):
-                    ax.text(
-                        j, i, f"{r[i, j]:.1f}", ha="center", va="center",
-                        color="white" if r[i, j] < 60 else "black", fontsize=8,
-                    )  # fmt: skip
-            labels = [", ".join(map(str, c)) for c in self.task_classes]
-            ax.set_xticks(range(n), labels, fontsize=7)
-            ax.set_yticks(range(n), [f"after {i}" for i in range(n)], fontsize=7)
-            ax.set_xlabel("evaluated on task (classes)")
-            ax.set_ylabel("trained through task")
-            fg = self.forgetting
-            ax.set_title(
-                title
-                or f"{self.method}, {self.scenario}-incr.: avg {self.average_accuracy:.1f}%"
-                + ("" if math.isnan(fg) else f", forgetting {fg:.1f}"),
-                fontsize=9,
-            )
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="accuracy (%)")
-        return Path(file)
 
 
 def _check_tasks(tasks: Sequence[Dataset]) -> list[Dataset]:
@@ -332,15 +201,7 @@ def run_continual(
     tasks = _check_tasks(tasks)
     method = make_method(method)
     lr = _check_run_arguments(model_fn, scenario, epochs, batch_size, lr)
-
-    x0 = tasks[0].x_train
-    device, dtype = x0.device, (x0.dtype if x0.is_floating_point() else None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_fn()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
-    model.to(device=device, dtype=dtype)
+    model = _build_model(model_fn, tasks[0].x_train, seed)
     heads = _heads(tasks, scenario)
     memory = Memory(memory_per_class)
     config = {
@@ -360,56 +221,22 @@ def run_continual(
         "tasks": [t.name for t in tasks],
         **config,
     }
-    rows: list[list[float]] = []
-    seconds: list[float] = []
-    cpu_seconds: list[float] = []
-    task_steps: list[int] = []
-    diagnostics: list[dict] = []
-    start_task = 0
     ckpt = None if checkpoint_dir is None else Path(checkpoint_dir)
-    saved = _latest_checkpoint(ckpt, len(tasks), settings, device)
-    if saved is not None:
-        for part, holder in (("model", model), ("method", method), ("memory", memory)):
-            holder.load_state_dict(saved.state[part])
-        rows, seconds, diagnostics = (saved.state[k] for k in ("rows", "seconds", "diagnostics"))
-        cpu_seconds = list(saved.state.get("cpu_seconds", []))
-        task_steps = list(saved.state.get("steps", []))
-        start_task = saved.step
-
-    steps = 0
-    for t in range(start_task, len(tasks)):
-        x, _, _ = method.training_data(t, tasks, memory)
-        steps += epochs * math.ceil(len(x) / batch_size)
+    device = tasks[0].x_train.device
+    history, start_task = _resume(ckpt, len(tasks), settings, device, model, method, memory)
+    steps = _steps_left(method, tasks, memory, start_task, epochs, batch_size)
     bar = tqdm(total=steps, disable=not progress, desc=f"{method.name}/{scenario}", leave=False)
     try:
         for t in range(start_task, len(tasks)):
             tic, cpu_tic = time.perf_counter(), time.process_time()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_task_seed(seed, t))
-                gen = torch.Generator().manual_seed(_task_seed(seed, t))
-                n_steps = _train_task(
-                    model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar
-                )
-                method.end_task(model, tasks[t], t, heads)
-                memory.add_task(tasks[t], t, gen)
-            seconds.append(time.perf_counter() - tic)
-            cpu_seconds.append(time.process_time() - cpu_tic)
-            task_steps.append(n_steps)
-            rows.append(evaluate(model, tasks, heads))
-            diagnostics.append(method.diagnostics())
-            bar.set_postfix_str(f"task {t}: {rows[-1][t]:.1f}%")
+            n_steps = _learn_task(
+                model, method, tasks, t, memory, heads, epochs, lr, batch_size, seed, bar
+            )
+            seconds, cpu_seconds = time.perf_counter() - tic, time.process_time() - cpu_tic
+            history.add(seconds, cpu_seconds, n_steps, evaluate(model, tasks, heads), method)
+            bar.set_postfix_str(f"task {t}: {history.rows[-1][t]:.1f}%")
             if ckpt is not None:
-                state = {
-                    "model": model.state_dict(),
-                    "method": method.state_dict(),
-                    "memory": memory.state_dict(),
-                    "rows": rows,
-                    "seconds": seconds,
-                    "cpu_seconds": cpu_seconds,
-                    "steps": task_steps,
-                    "diagnostics": diagnostics,
-                }
-                save_checkpoint(_task_file(ckpt, t), state, settings=settings, step=t + 1)
+                _save_task(ckpt, t, settings, model, method, memory, history)
     finally:
         bar.close()
     return ContinualResult(
@@ -418,13 +245,107 @@ def run_continual(
         scenario=scenario,
         tasks=[t.name for t in tasks],
         task_classes=[list(t.labels) for t in tasks],
-        accuracy=np.asarray(rows, dtype=float),
+        accuracy=np.asarray(history.rows, dtype=float),
         config=config,
-        seconds=seconds,
-        cpu_seconds=cpu_seconds,
-        steps=task_steps,
-        diagnostics=diagnostics,
+        seconds=history.seconds,
+        cpu_seconds=history.cpu_seconds,
+        steps=history.steps,
+        diagnostics=history.diagnostics,
     )
+
+
+def _build_model(model_fn, x: torch.Tensor, seed: int) -> nn.Module:
+    """``model_fn()`` under ``torch.manual_seed(seed)`` (the global RNG state restored), on
+    the device and floating dtype of the inputs ``x``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+    model.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+    return model
+
+
+@dataclass
+class _History:
+    """What a run has measured, one entry per finished task; saved in each checkpoint."""
+
+    rows: list[list[float]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    diagnostics: list[dict] = field(default_factory=list)
+
+    def add(self, seconds, cpu_seconds, steps, accuracy, method) -> None:
+        """Record a finished task: its times and steps, the accuracy on every task after it,
+        and the method's diagnostics (read now)."""
+        self.seconds.append(seconds)
+        self.cpu_seconds.append(cpu_seconds)
+        self.steps.append(steps)
+        self.rows.append(accuracy)
+        self.diagnostics.append(method.diagnostics())
+
+    def state(self) -> dict:
+        """The checkpointed part of a run's state."""
+        return {
+            "rows": self.rows,
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "steps": self.steps,
+            "diagnostics": self.diagnostics,
+        }
+
+
+def _resume(folder, num_tasks, settings, device, model, method, memory) -> tuple[_History, int]:
+    """The history so far and the first task to train: from the last checkpoint in
+    ``folder`` (restoring ``model``, ``method`` and ``memory`` from it), else empty and 0."""
+    saved = _latest_checkpoint(folder, num_tasks, settings, device)
+    if saved is None:
+        return _History(), 0
+    for part, holder in (("model", model), ("method", method), ("memory", memory)):
+        holder.load_state_dict(saved.state[part])
+    history = _History(
+        rows=saved.state["rows"],
+        seconds=saved.state["seconds"],
+        cpu_seconds=list(saved.state.get("cpu_seconds", [])),
+        steps=list(saved.state.get("steps", [])),
+        diagnostics=saved.state["diagnostics"],
+    )
+    return history, saved.step
+
+
+def _steps_left(method, tasks, memory, start_task, epochs, batch_size) -> int:
+    """The optimizer steps of tasks ``start_task, ...`` (the progress bar's total)."""
+    steps = 0
+    for t in range(start_task, len(tasks)):
+        x, _, _ = method.training_data(t, tasks, memory)
+        steps += epochs * math.ceil(len(x) / batch_size)
+    return steps
+
+
+def _learn_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, seed, bar) -> int:
+    """Train task ``t`` under its own seed (the global RNG state restored afterwards), then
+    let the method and the memory close it; the number of optimizer steps taken."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_task_seed(seed, t))
+        gen = torch.Generator().manual_seed(_task_seed(seed, t))
+        n_steps = _train_task(
+            model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar
+        )
+        method.end_task(model, tasks[t], t, heads)
+        memory.add_task(tasks[t], t, gen)
+    return n_steps
+
+
+def _save_task(folder: Path, t: int, settings: dict, model, method, memory, history) -> None:
+    """Checkpoint the run after task ``t`` (:func:`~riemfip.checkpoint.save_checkpoint`)."""
+    state = {
+        "model": model.state_dict(),
+        "method": method.state_dict(),
+        "memory": memory.state_dict(),
+        **history.state(),
+    }
+    save_checkpoint(_task_file(folder, t), state, settings=settings, step=t + 1)
 
 
 def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, gen, bar) -> int:

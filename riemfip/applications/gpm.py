@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from .continual_methods import ContinualMethod
+from .continual_base import ContinualMethod
 from .gpm_basis import BasisMemory, input_columns, rank_for_energy
 from .gpm_basis import protected_layers as protected_layers
 from .gpm_projection import ProjectedSGD
