@@ -116,7 +116,7 @@ _COMMITTED = {
         p.name
         for p in RESULTS.glob("*.json")
         if p.name.startswith(tuple(_COMMITTED))
-        and not p.name.endswith(("_summary.json", "_sweep.json"))  # tables, not records
+        and not p.name.endswith(("_summary.json", "_sweep.json", "_peers.json"))  # tables
     ),
 )
 def test_committed_benchmark_records_load_and_rewrite_to_the_same_json(file):

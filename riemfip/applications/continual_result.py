@@ -98,10 +98,17 @@ class ContinualResult(JsonRecord):
         return forgetting(self.accuracy)[1]
 
     def to_dict(self) -> dict:
-        """JSON-ready dictionary: the fields, then the summary numbers (not read back)."""
+        """JSON-ready dictionary: the fields, then the summary numbers (not read back).
+
+        ``cpu_seconds`` and ``steps`` are left out when empty (records made before they were
+        kept), so such a record reads back and rewrites to the same JSON."""
         fg = self.forgetting
+        fields = super().to_dict()
+        for key in ("cpu_seconds", "steps"):
+            if not fields.get(key):
+                fields.pop(key, None)
         return {
-            **super().to_dict(),
+            **fields,
             "average_accuracy": self.average_accuracy,
             "forgetting": None if math.isnan(fg) else fg,
             "per_task_forgetting": self.per_task_forgetting,
