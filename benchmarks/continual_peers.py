@@ -7,8 +7,8 @@ Every run goes through :func:`riemfip.applications.continual.run_continual`, the
 * ``finetune``, ``ewc`` (lambda 1e3, Fisher on 200 images), ``replay``, ``joint``;
 * ``gpm`` (gradient projection memory at its defaults: threshold 0.97 + 0.003 per task,
   300 samples, biases frozen);
-* ``fip``: :class:`riemfip.optim.FIP` at its defaults (lr 0.5, 32 rotating anchors with
-  ``ScaledNoise(0.33)``, all-anchor pull-back every 10 steps, damping 1e-3) from the second
+* ``fip``: :class:`riemfip.optim.FIP` at its defaults (lr 0.4, 32 rotating anchors with
+  ``ScaledNoise(0.33)``, all-anchor pull-back every 10 steps, damping 1e-2) from the second
   task on, anchored on the memory (50 stored inputs per old class, no labels);
 * ``fip-penalty``: the authors' penalty form (:class:`riemfip.optim.FIPPenalty` at its
   defaults: normalised steps of length 0.3, beta 1, summed Bhattacharyya distance).
@@ -93,8 +93,8 @@ NETWORKS = {
 }
 SWEEPS = ("continual_baseline_lr_sweep.json", "continual_gpm_lr_sweep.json")
 
-#: the FIP forms' own default step sizes (FIP lr 0.5, FIPPenalty lr 0.3)
-FIP_LR, PENALTY_LR = 0.5, 0.3
+#: the FIP forms' own default step sizes (FIP lr 0.4, FIPPenalty lr 0.3)
+FIP_LR, PENALTY_LR = 0.4, 0.3
 
 
 #: extra FIP settings (``--fip-setting NAME=KWARGS``): name -> FIP keyword arguments (text)
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
             "seeds": args.seeds,
             "memory_per_class": 50,
             "batch_size": 64,
-            "fip": "FIP defaults (lr 0.5) from task 1; task 0 SGD at the run lr",
+            "fip": "FIP defaults (lr 0.4) from task 1; task 0 SGD at the run lr",
             "fip-penalty": "FIPPenalty defaults (lr 0.3, beta 1) from task 1",
             "ewc": "lambda 1e3, fisher_samples 200",
             "gpm": "defaults (threshold 0.97 + 0.003/task, 300 samples, biases frozen)",

@@ -125,7 +125,7 @@ VARIANTS = {
     "sketched": ({"anchors": AnchorSampling(outputs=2)}, ALL),
     # every fit anchor, the points only, every step (the exact per-step FIP)
     "exact": ({"anchors": AnchorSampling(batch=None, transform=None)}, {"mlp-mnist", "mlp-digits"}),
-    # a softer metric: damping 1 instead of 1e-3 (relative to the metric's mean eigenvalue)
+    # a softer metric: damping 1 instead of 1e-2 (relative to the metric's mean eigenvalue)
     "damping=1": ({"damping": 1.0}, ALL),
     # every fit anchor each step (with its ScaledNoise neighbourhood), sketched to 2 outputs
     "all-sketched": ({"anchors": AnchorSampling(batch=None, outputs=2)}, {"mlp-mnist"}),

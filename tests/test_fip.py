@@ -150,16 +150,16 @@ def test_relative_damping_is_set_from_the_mean_eigenvalue_at_the_start(task):
     )
     jac = PullbackMetric.from_module(net, x, output_metric="fisher").jacobian(flat(net))
     dense = torch.linalg.eigvalsh(jac @ jac.T)
-    assert math.isclose(opt.damping_of(), 1e-3 * float(dense.sum()) / jac.shape[0], rel_tol=1e-9)
+    assert math.isclose(opt.damping_of(), 1e-2 * float(dense.sum()) / jac.shape[0], rel_tol=1e-9)
     # with more than 64 fit anchors the mean is taken over 64 evenly spread ones
     many = torch.cat([x, x + 0.1])
-    opt = FIP(net.parameters(), model=net, anchor_inputs=many, anchors=EXACT, damping=1e-2)
+    opt = FIP(net.parameters(), model=net, anchor_inputs=many, anchors=EXACT, damping=3e-2)
     fit = opt.anchor.fit_inputs
     assert len(fit) > 64
     sample = fit[torch.linspace(0, len(fit) - 1, 64).long()]
     jac = PullbackMetric.from_module(net, sample).jacobian(flat(net))
     assert math.isclose(
-        opt.damping_of(), 1e-2 * float(jac.pow(2).sum()) / jac.shape[0], rel_tol=1e-9
+        opt.damping_of(), 3e-2 * float(jac.pow(2).sum()) / jac.shape[0], rel_tol=1e-9
     )
 
 

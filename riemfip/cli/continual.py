@@ -70,7 +70,7 @@ def add_continual_arguments(parser, *, methods=("fip", "finetune", "replay")) ->
     )
     add("--continual-epochs", type=int, default=5, help="epochs per task")
     add("--continual-lr", type=float, default=0.05, help="SGD lr of task 0 and the baselines")
-    add("--fip-lr", type=float, default=0.5, help="FIP's natural-gradient lr from task 1 on")
+    add("--fip-lr", type=float, default=0.4, help="FIP's natural-gradient lr from task 1 on")
     add("--ewc-lambda", type=float, default=1e3, help="EWC's penalty weight")
     add(
         "--memory-per-class",
