@@ -18,11 +18,13 @@ gradient in the interior points an unbiased estimate of :math:`\nabla E`.
 time, never holding more than one batch's metric; :func:`manifolds.geodesic.relax` is the
 exact (full-batch L-BFGS) route for data that fits in one metric.
 
-Stopping rule (the held-out rule): after every epoch the energy :math:`E_{\rm ho}` of the
-path on a fixed evaluation set is measured; the run has converged when the best
-:math:`E_{\rm ho}` of the last ``patience`` epochs is not below :math:`(1 - \text{rtol})`
-times the best before them (``residual`` is that relative improvement, ``tol`` is
-``rtol``), and stops with ``MAX_ITERATIONS`` after ``epochs`` epochs otherwise. The points
+Stopping rule (the held-out rule): every ``check_every`` steps the energy :math:`E_{\rm ho}`
+of the path on a fixed evaluation set is measured. A plateau is ``patience`` checks whose best
+:math:`E_{\rm ho}` is not below :math:`(1 - \text{rtol})` times the best before them
+(``residual`` is that relative improvement, ``tol`` is ``rtol``). At a plateau the step size
+is cut to a tenth; a plateau at the last step size (``final_lr``) ends the run as converged
+(as ``BREAKDOWN`` if no check ever beat the starting path: the step size is too large), and
+``epochs`` passes without one end it with ``MAX_ITERATIONS``. The points
 returned are those of the best :math:`E_{\rm ho}` (early stopping): with an evaluation set
 disjoint from the training batches, the path that generalises best, not the one that fits
 the training batches closest. A final pass over all the batches evaluates :math:`E` and the
@@ -65,14 +67,19 @@ class Minibatch:
         At most this many passes over the batches.
     lr : float
         Adam's step size relative to the endpoints' separation: the step per coordinate is
-        about ``lr`` :math:`\cdot \operatorname{rms}(w_1 - w_0)`. It is constant for the
-        first half of the ``epochs``, then falls linearly to 1% at 90% (Garipov et al.'s
-        schedule), so that a long run settles instead of hovering at the noise level.
+        about ``lr`` :math:`\cdot \operatorname{rms}(w_1 - w_0)`. Cut to a tenth at each
+        plateau of the held-out energy, down to ``final_lr`` times its start, so that the
+        run settles instead of hovering at the noise level of the minibatch gradients.
     patience : int
-        Epochs without a relative improvement of ``rtol`` of the held-out energy before
-        the run stops as converged.
+        Checks without a relative improvement of ``rtol`` of the held-out energy that make
+        a plateau.
     rtol : float
         Relative improvement that counts as progress.
+    check_every : int
+        Adam steps between two measurements of the held-out energy (the rule counts steps,
+        not epochs, so that it means the same for 256 inputs as for 60,000).
+    final_lr : float
+        The last step-size factor: a plateau at it ends the run as converged.
     batch_size : int
         Batch size when the data is one tensor (shuffled into batches each epoch);
         an iterable of batches keeps its own.
@@ -85,21 +92,26 @@ class Minibatch:
     """
 
     epochs: int = 20
-    lr: float = 0.02
+    lr: float = 0.05
     patience: int = 3
     rtol: float = 1e-3
+    check_every: int = 25
+    final_lr: float = 0.01
     batch_size: int = 128
     transform: Callable | None = None
     seed: int = 0
 
     def __post_init__(self):
-        if int(self.epochs) < 1 or int(self.patience) < 1 or int(self.batch_size) < 1:
+        counts = ("epochs", "patience", "check_every", "batch_size")
+        if any(int(getattr(self, name)) < 1 for name in counts):
             raise ValueError(
-                f"epochs, patience and batch_size must be >= 1, got epochs={self.epochs}, "
-                f"patience={self.patience}, batch_size={self.batch_size}"
+                "epochs, patience, check_every and batch_size must be >= 1, got "
+                + ", ".join(f"{name}={getattr(self, name)}" for name in counts)
             )
         if not (self.lr > 0 and math.isfinite(self.lr)) or not self.rtol >= 0:
             raise ValueError(f"lr must be > 0 and rtol >= 0, got lr={self.lr}, rtol={self.rtol}")
+        if not 0 < self.final_lr <= 1:
+            raise ValueError(f"final_lr must be in (0, 1], got {self.final_lr}")
         if self.transform is not None and not callable(self.transform):
             raise TypeError(f"transform must be callable, got {type(self.transform).__name__}")
 
@@ -242,7 +254,7 @@ def relax_minibatches(
     strict : bool
         Raise :class:`~manifolds.validation.NotConvergedError` when not converged.
     verbose : bool
-        Print the held-out energy after every epoch.
+        Print the held-out energy at every check.
 
     Returns
     -------
@@ -291,41 +303,54 @@ def relax_minibatches(
     history = [held_out_energy()]
     best, best_points = history[0], interior.detach().clone()
     status, message, residual = Status.MAX_ITERATIONS, _MAXITER_MESSAGE, math.nan
-    steps, per_epoch, epochs = 0, None, 0
+    steps, epochs, since = 0, 0, 0  # since: checks since the last step-size cut
     for epoch in range(int(policy.epochs)):
         n = 0
         for x in _epoch(batches, policy.batch_size, generator):
             if policy.transform is not None:
                 x = policy.transform(x, generator)
-            fraction = (epoch + (n / per_epoch if per_epoch else 0.0)) / int(policy.epochs)
-            opt.param_groups[0]["lr"] = base_lr * _schedule(fraction)
             with torch.enable_grad():
                 e = discrete_energy(metric_of(x), torch.cat([a, interior, b]))
                 opt.zero_grad()
                 e.backward()
             opt.step()
-            n += 1
-        if n == 0:
-            raise ValueError("batches hold no batches in this epoch (a one-shot iterator?)")
-        per_epoch, steps, epochs = n, steps + n, epoch + 1
-        history.append(held_out_energy())
-        if not math.isfinite(history[-1]):
-            status, message = Status.NON_FINITE, _NON_FINITE_MESSAGE
-            break
-        if history[-1] < best:
-            best, best_points = history[-1], interior.detach().clone()
-        if verbose:
-            print(f"minibatch relax epoch {epochs}: held-out energy {history[-1]:.8e}")
-        if epochs >= int(policy.patience):
+            n, steps = n + 1, steps + 1
+            if steps % int(policy.check_every):
+                continue
+            history.append(held_out_energy())
+            since += 1
+            if not math.isfinite(history[-1]):
+                status, message = Status.NON_FINITE, _NON_FINITE_MESSAGE
+                break
+            if history[-1] < best:
+                best, best_points = history[-1], interior.detach().clone()
+            if verbose:
+                print(f"minibatch relax step {steps}: held-out energy {history[-1]:.8e}")
+            if since < int(policy.patience):
+                continue
             before = min(history[: -int(policy.patience)])
             residual = max(0.0, 1.0 - min(history[-int(policy.patience) :]) / before)
-            if residual <= policy.rtol:
+            if residual > policy.rtol:
+                continue
+            if opt.param_groups[0]["lr"] > 1.5 * base_lr * policy.final_lr:
+                opt.param_groups[0]["lr"] *= 0.1  # plateau: a tenth of the step, and go on
+                since = 0
+                continue
+            if best < history[0]:
                 status = Status.CONVERGED
                 message = (
-                    f"converged: the held-out energy improved by less than rtol={policy.rtol:g} "
-                    f"(relatively) over the last {policy.patience} epochs"
+                    f"converged: at the final step size the held-out energy improved by less "
+                    f"than rtol={policy.rtol:g} (relatively) over the last {policy.patience} "
+                    "checks"
                 )
-                break
+            else:  # the starting points are still the best: the descent never helped
+                status, message = Status.BREAKDOWN, _NO_PROGRESS_MESSAGE
+            break
+        if n == 0:
+            raise ValueError("batches hold no batches in this epoch (a one-shot iterator?)")
+        epochs = epoch + 1
+        if status != Status.MAX_ITERATIONS:
+            break
 
     with torch.no_grad():
         points = torch.cat([a, best_points, b])
@@ -361,15 +386,12 @@ def relax_minibatches(
     return path.raise_if_failed() if strict else path
 
 
-def _schedule(fraction: float) -> float:
-    """The step-size factor: 1 until half-way, then linear to 0.01 at 90%."""
-    if fraction <= 0.5:
-        return 1.0
-    return max(0.01, 1.0 - 0.99 * (fraction - 0.5) / 0.4)
-
-
 _MAXITER_MESSAGE = (
     "maximum number of epochs reached while the held-out energy was still improving; raise "
     "epochs (or resume with init=path)"
+)
+_NO_PROGRESS_MESSAGE = (
+    "no step lowered the held-out energy below the starting path's (the starting points are "
+    "returned); lower lr"
 )
 _NON_FINITE_MESSAGE = "the energy became non-finite; lower lr"
