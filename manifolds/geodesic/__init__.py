@@ -18,6 +18,9 @@ Boundary-value problem, :math:`w(0) = w_0`, :math:`w(1) = w_1`
     :func:`relax`
         Minimises the discrete path energy of :math:`K` points (:mod:`.energy`; L-BFGS,
         autograd only): robust, no linear solves, a start for :func:`shoot`.
+    :func:`relax_minibatches`
+        The same energy over data too large for one metric: Adam on minibatch energies
+        (:mod:`.minibatch_relax`), stopped when a held-out energy stops improving.
     :func:`collocation`
         :func:`scipy.integrate.solve_bvp` on the geodesic ODE: a reference for a handful
         of weights, to cross-check the others.
@@ -38,6 +41,9 @@ shooting and collocation: the endpoint rule
     ``tol`` :math:`= \tau\max(1, \|w_1 - w_0\|)` by default, :math:`\tau = 10^{-9}`
     (float64) or :math:`10^{-5}` for :func:`shoot`, :math:`\tau = 10^{-6}` for
     :func:`collocation`.
+minibatch relaxation: the held-out rule
+    Converged when the best energy on a fixed evaluation set over the last ``patience``
+    epochs improves on the best before them by at most ``rtol``, relatively.
 relax: the gradient rule
     Converged when the Euclidean norm of the gradient of the discrete energy over the
     interior points is at most ``tol``, by default :math:`\tau\max(1, \|\nabla E(\text{start})\|)`,
@@ -54,6 +60,7 @@ from .energy import (
     midpoint_speeds,
 )
 from .flow import MetricAcceleration, default_flow_tol, expmap_approximation, integrate_geodesic
+from .minibatch_relax import Minibatch, full_data_energy, relax_minibatches
 from .path import GeodesicPath, NonFiniteError, hermite
 from .relax import relax
 from .runge_kutta import ButcherTableau, fixed_step_flow, rk_step
@@ -63,6 +70,7 @@ __all__ = [
     "ButcherTableau",
     "GeodesicPath",
     "MetricAcceleration",
+    "Minibatch",
     "NonFiniteError",
     "check_endpoints",
     "chord_energy",
@@ -75,10 +83,12 @@ __all__ = [
     "expmap_approximation",
     "feature_chord_lengths",
     "fixed_step_flow",
+    "full_data_energy",
     "hermite",
     "integrate_geodesic",
     "midpoint_speeds",
     "relax",
+    "relax_minibatches",
     "rk_step",
     "shoot",
 ]

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from manifolds import FlatModule, PullbackMetric, as_batches
-from manifolds.geodesic import relax, shoot
+from manifolds.geodesic import Minibatch, relax, relax_minibatches, shoot
 
 __all__ = ["connect", "connection_metric"]
 
-_METHODS = ("relax", "shoot")
+_METHODS = ("relax", "shoot", "minibatch")
 
 
 def connection_metric(
@@ -74,7 +74,8 @@ def connect(
     output_metric: str = "fisher",
     damping: float = 1e-4,
     n_points: int = 17,
-    method: str = "relax",
+    method: str | Minibatch = "relax",
+    held_out: torch.Tensor | None = None,
     metric_options: dict | None = None,
     **solver_options,
 ):
@@ -89,7 +90,9 @@ def connect(
     data : tensor or iterable of batches
         Anchor inputs defining the metric: an input tensor, or an iterable of batches,
         each inputs or an ``(inputs, targets)`` pair (a ``DataLoader`` works; targets are
-        ignored). A few hundred inputs are typically enough; cost grows linearly.
+        ignored). ``relax`` and ``shoot`` read it all into one metric (cost grows linearly);
+        the minibatch route iterates it once per epoch (a ``DataLoader`` over a whole
+        training set) or shuffles a tensor into batches.
     output_metric : {"fisher", "bhattacharyya", "euclidean"} or OutputMetric
         :math:`G` on each sample's outputs; ``"fisher"`` (softmax Fisher on logits) suits
         classifiers.
@@ -99,9 +102,16 @@ def connect(
     n_points : int
         Points on the returned path, both ends included (``relax``); for ``shoot`` the
         RK4 steps default to ``n_points - 1``.
-    method : {"relax", "shoot"}
-        The boundary-value solver (:func:`manifolds.geodesic.relax` or
-        :func:`manifolds.geodesic.shoot`).
+    method : {"relax", "shoot", "minibatch"} or Minibatch
+        The boundary-value solver: :func:`manifolds.geodesic.relax` (L-BFGS on the energy
+        of all of ``data`` at once), :func:`manifolds.geodesic.shoot`, or
+        :func:`manifolds.geodesic.relax_minibatches` (Adam on one batch's energy at a time,
+        a :class:`~manifolds.geodesic.Minibatch` policy; ``"minibatch"`` is
+        ``Minibatch()``), for data that does not fit one metric, or to stop early on
+        ``held_out`` inputs.
+    held_out : tensor, optional
+        Minibatch route only: inputs (not in ``data``) whose energy decides when to stop and
+        which points to return (early stopping). Default: the first batch of ``data``.
     metric_options : dict, optional
         Extra keyword arguments for :class:`~manifolds.PullbackMetric` (``solver``, ``tol``,
         ``maxiter``, ``on_failure``).
@@ -136,8 +146,12 @@ def connect(
     for name, m in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method == "minibatch":
+        method = Minibatch()
+    if not isinstance(method, Minibatch) and method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS} or a Minibatch, got {method!r}")
+    if held_out is not None and not isinstance(method, Minibatch):
+        raise ValueError("held_out is for the minibatch route (method='minibatch' or a Minibatch)")
     if int(n_points) < 3:
         raise ValueError(f"n_points must be at least 3, got {n_points}")
     flat_a, flat_b = FlatModule(model_a), FlatModule(model_b)
@@ -148,19 +162,61 @@ def connect(
     if w_a.device != w_b.device:
         raise ValueError(f"model_a is on {w_a.device}, model_b on {w_b.device}")
 
-    metric = connection_metric(
-        model_a, data, output_metric=output_metric, damping=damping, **(metric_options or {})
-    )
+    options = {"output_metric": output_metric, "damping": damping, **(metric_options or {})}
+    if isinstance(method, Minibatch):
+        path = _minibatch_geodesic(
+            model_a, w_a, w_b, data, held_out, method, n_points, options, **solver_options
+        )
+        anchors = path.metadata.pop("samples")
+        path.metadata["connect"] = _record(path, model_a, flat_a, options, anchors)
+        path.metadata["connect"]["minibatch"] = {
+            k: (repr(v) if k == "transform" else v) for k, v in method.__dict__.items()
+        }
+        return path
+    metric = connection_metric(model_a, data, **options)
     if method == "relax":
         path = relax(metric, w_a, w_b, int(n_points), **solver_options)
     else:
         solver_options.setdefault("steps", int(n_points) - 1)
         path = shoot(metric, w_a, w_b, **solver_options)
-    path.metadata["connect"] = {
-        "output_metric": metric.output_metric.name,
-        "damping": metric.damping,
-        "anchor_inputs": sum(len(x) for x in metric.inputs),
+    path.metadata["connect"] = _record(
+        path, model_a, flat_a, options, sum(len(x) for x in metric.inputs)
+    )
+    return path
+
+
+def _record(path, model_a, flat_a, options, anchors: int) -> dict:
+    """``metadata["connect"]``: output metric, damping, anchor inputs, architecture."""
+    metric = options["output_metric"]
+    return {
+        "output_metric": metric if isinstance(metric, str) else metric.name,
+        "damping": float(options["damping"]),
+        "anchor_inputs": anchors,
         "architecture": type(model_a).__name__,
         "parameters": [[n, list(s)] for n, s in zip(flat_a.names, flat_a.shapes, strict=True)],
     }
+
+
+def _minibatch_geodesic(model, w_a, w_b, data, held_out, policy, n_points, options, **solver):
+    """:func:`manifolds.geodesic.relax_minibatches` with :func:`connection_metric` on each
+    batch (inputs checked on the first batch only); ``metadata["samples"]`` counts the
+    samples of one pass."""
+    counter = {"checked": False}
+
+    def metric_of(x):
+        metric = connection_metric(model, x, check_inputs=not counter["checked"], **options)
+        counter["checked"] = True
+        return metric
+
+    ho = None if held_out is None else connection_metric(model, held_out, **options)
+    path = relax_minibatches(metric_of, w_a, w_b, data, int(n_points), policy=policy, held_out=ho)
+    path.metadata["samples"] = _count(data)
     return path
+
+
+def _count(data) -> int | None:
+    """Samples in one pass over ``data`` (a tensor, or a DataLoader over a sized data set)."""
+    if isinstance(data, torch.Tensor):
+        return len(data)
+    dataset = getattr(data, "dataset", None)
+    return len(dataset) if hasattr(dataset, "__len__") else None
