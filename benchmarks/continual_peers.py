@@ -232,6 +232,8 @@ def tables(record: dict) -> str:
 
 def plot(record: dict, file: Path) -> None:
     """Average accuracy against CPU ms per step (log), one panel per protocol, ± std bars."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     protocols = list(record["protocols"])
     ncols = min(3, len(protocols))
     nrows = math.ceil(len(protocols) / ncols)
@@ -250,13 +252,20 @@ def plot(record: dict, file: Path) -> None:
                     marker=markers.get(name, "o"), ls="none", capsize=3, label=name,
                 )  # fmt: skip
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("CPU ms per step (tasks after the first)")
             ax.set_ylabel("final average accuracy (%)")
             ax.set_title(protocol, fontsize=9)
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(protocols) :]:
+        spare = list(axes.flat)[len(protocols) :]
+        for ax in spare:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        if spare:  # the legend in the empty panel, clear of the points
+            spare[0].legend(handles, labels, loc="center", fontsize=9, title="method")
+        else:
+            axes.flat[0].legend(fontsize=7)
         fig.suptitle("Retention against cost per step (mean ± std over seeds)", fontsize=10)
 
 
@@ -271,7 +280,7 @@ def main(argv=None) -> int:
         metavar="NAME=KWARGS",
         help="also run FIP with these keyword arguments as method NAME, e.g. "
         "'fip-o2=dict(anchors=AnchorSampling(outputs=2))' (riemfip.optim's names in scope; "
-        "an 'lr' key is FIP's own rate, default 0.5)",
+        "an 'lr' key is FIP's own rate, default 0.4)",
     )
     p.add_argument(
         "--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2, 3, 4]
