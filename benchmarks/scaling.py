@@ -559,7 +559,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
     colors = dict(zip(MODELS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
@@ -599,6 +599,9 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(GOALS["fip"], color="k", ls="--", lw=1, label="goal")
     log2_batches(ax, BATCHES)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator([2, 3, 5, 10, 20, 50]))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}×"))
     ax.set(xlabel="batch size (hollow: stored rows)", ylabel="FIP step / SGD step",
            title="2. FIP step (defaults, 250 stored inputs)")  # fmt: skip
     ax.legend(fontsize=8)
@@ -631,7 +634,9 @@ def plot(result: dict, path: Path) -> None:
     log2_batches(ax, GROWTH_BATCHES)
     ax.set(yscale="log", xlabel="batch size m", ylabel="CPU ms",
            title="3. growth with m (slopes in brackets)")  # fmt: skip
-    ax.legend(fontsize=7, ncol=2)
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(bottom, top * 12)  # room for the legend above the lines
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
 
     m = result["machine"]
     fig.suptitle(f"riemfip scaling on CPU, 1 thread ({m['processor']}, torch {m['torch']})",
