@@ -22,7 +22,7 @@ The optimizers, each built from its public constructor only:
 
 Old task: ``anchors_per_class`` stored inputs of each of the ``old_classes`` first
 classes (default 50 x 5 = 250); new-task batches come from the other classes. MLP and
-LeNet-5 use the offline MNIST subset; VGG11 and ResNet-18 use random ``(N, 3, 32, 32)``
+LeNet-5 use the offline MNIST subset; VGG11, VGG16 and ResNet-18 use random ``(N, 3, 32, 32)``
 inputs with random labels (cost only).
 
 Protocol of one row (model, batch size, method), run in its own subprocess with one
@@ -87,6 +87,7 @@ MODEL_LABELS = {
     "mlp": "MLP 784-300-100-10",
     "lenet5": "LeNet-5, 1x28x28",
     "vgg11": "VGG11-CIFAR, 3x32x32",
+    "vgg16": "VGG16-CIFAR, 3x32x32",
     "resnet18": "ResNet-18, 3x32x32",
 }
 METHOD_LABELS = {"fip": "FIP (defaults)", "fip-sketch": "FIP (outputs=2)", "gpm": "GPM"}
@@ -97,12 +98,13 @@ NUM_CLASSES = 10
 # ------------------------------------------------------------------ the row (child process)
 def build_model(name: str):
     from riemfip.applications.classifiers import mlp
-    from riemfip.networks import lenet5, resnet18, vgg11_cifar
+    from riemfip.networks import lenet5, resnet18, vgg11_cifar, vgg16_cifar
 
     builders = {
         "mlp": lambda: mlp([784, 300, 100, 10]),
         "lenet5": lenet5,
         "vgg11": vgg11_cifar,
+        "vgg16": vgg16_cifar,
         "resnet18": resnet18,
     }
     return builders[name]()
@@ -337,10 +339,16 @@ def summarize(spec: dict, events: list[dict], wall_timeout: bool) -> dict:
     return row
 
 
-def run_in_child(spec: dict) -> dict:
+def child_events(script: Path, spec: dict) -> tuple[list[dict], bool, str | None]:
+    """Run ``script --row SPEC`` in a one-thread child; ``(events, wall_timeout, error)``.
+
+    The child prints one JSON line per event; it is given ``4 x spec["max_seconds"] +
+    120`` s of wall clock. Exit status 3 is the watchdog ending an over-budget row, not
+    an error. Shared with ``scaling.py``.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", json.dumps(spec)]
+    cmd = [sys.executable, str(Path(script).resolve()), "--row", json.dumps(spec)]
     wall = 4 * spec["max_seconds"] + 120
     error = None
     try:
@@ -353,6 +361,11 @@ def run_in_child(spec: dict) -> dict:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         timed_out = True
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return events, timed_out, error
+
+
+def run_in_child(spec: dict) -> dict:
+    events, timed_out, error = child_events(Path(__file__), spec)
     row = summarize(spec, events, timed_out)
     if error is not None:
         row["status"], row["error"] = "error", error
@@ -407,7 +420,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="mlp,lenet5,vgg11,resnet18")
+    parser.add_argument("--models", default="mlp,lenet5,vgg11,resnet18", help="also vgg16")
     parser.add_argument("--batches", default="64,128,256")
     parser.add_argument("--methods", default="fip", help="comma list of fip, fip-sketch, gpm")
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per row (10)")

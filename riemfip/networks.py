@@ -15,6 +15,9 @@ module builds them. Each builder returns a fresh, randomly initialised
 :func:`resnet18`
     torchvision's ResNet-18 with random weights (its ImageNet stem is kept, so a
     32×32 input reaches the last block as a 1×1 map).
+:func:`vgg16_cifar`
+    The CIFAR variant of VGG16 (configuration "D"): thirteen 3×3 convolutions, the same
+    five pools and one linear classifier.
 
 The fully connected networks are :func:`riemfip.applications.classifiers.mlp`.
 """
@@ -23,10 +26,14 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["lenet5", "resnet18", "vgg11_cifar"]
+__all__ = ["lenet5", "resnet18", "vgg11_cifar", "vgg16_cifar"]
 
 #: VGG11's convolution widths; ``"M"`` is a 2×2 max pool.
 VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+#: VGG16's (configuration "D").
+VGG16_LAYERS = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)  # fmt: skip
 
 
 def _positive_int(name: str, value) -> int:
@@ -126,10 +133,42 @@ def vgg11_cifar(num_classes: int = 10, batch_norm: bool = False) -> nn.Sequentia
     TypeError, ValueError
         A ``num_classes`` that is not a positive int.
     """
+    return _vgg_cifar(VGG11_LAYERS, num_classes, batch_norm)
+
+
+def vgg16_cifar(num_classes: int = 10, batch_norm: bool = False) -> nn.Sequential:
+    r"""VGG16 for 32×32 images: 3×3 convolutions 64-64-M-128-128-M-256-256-256-M-512-512-512-M-512-512-512-M, then 512 → ``num_classes``.
+
+    Built as :func:`vgg11_cifar` (padding 1, ReLU or batch norm then ReLU, 2×2 max
+    pools, one linear classifier), with configuration "D" of Simonyan & Zisserman:
+    thirteen convolutions instead of eight.
+
+    Parameters
+    ----------
+    num_classes : int
+        Output logits.
+    batch_norm : bool
+        Insert batch normalisation after every convolution.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        ``(N, 3, 32, 32) -> (N, num_classes)``. 14,719,818 weights for
+        ``vgg16_cifar()``, 14,728,266 with ``batch_norm=True``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A ``num_classes`` that is not a positive int.
+    """
+    return _vgg_cifar(VGG16_LAYERS, num_classes, batch_norm)
+
+
+def _vgg_cifar(config: tuple, num_classes, batch_norm: bool) -> nn.Sequential:
     num_classes = _positive_int("num_classes", num_classes)
     layers: list[nn.Module] = []
     channels = 3
-    for width in VGG11_LAYERS:
+    for width in config:
         if width == "M":
             layers.append(nn.MaxPool2d(2))
             continue

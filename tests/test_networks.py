@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from riemfip.applications.classifiers import mlp
-from riemfip.networks import lenet5, resnet18, vgg11_cifar
+from riemfip.networks import lenet5, resnet18, vgg11_cifar, vgg16_cifar
 
 
 def count(net: torch.nn.Module) -> int:
@@ -20,6 +20,8 @@ def count(net: torch.nn.Module) -> int:
         (lambda: lenet5(3, 10, 32), (2, 3, 32, 32), 62_006),  # the CIFAR LeNet-5
         (lambda: vgg11_cifar(), (2, 3, 32, 32), 9_225_610),
         (lambda: vgg11_cifar(batch_norm=True), (2, 3, 32, 32), 9_231_114),
+        (lambda: vgg16_cifar(), (2, 3, 32, 32), 14_719_818),
+        (lambda: vgg16_cifar(batch_norm=True), (2, 3, 32, 32), 14_728_266),
         (lambda: resnet18(), (2, 3, 32, 32), 11_181_642),
         (lambda: mlp([784, 300, 100, 10]), (2, 784), 266_610),  # LeNet-300-100
     ],
@@ -49,12 +51,21 @@ def test_vgg11_has_eight_convolutions_and_five_pools():
     assert net[-1].out_features == 100
 
 
+def test_vgg16_has_thirteen_convolutions_and_five_pools():
+    net = vgg16_cifar(num_classes=100)
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64] * 2 + [128] * 2 + [256] * 3 + [512] * 6
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net) == 5
+    assert net[-1].out_features == 100
+
+
 @pytest.mark.parametrize(
     ("call", "error"),
     [
         (lambda: lenet5(in_channels=0), ValueError),
         (lambda: lenet5(input_size=28.0), TypeError),
         (lambda: vgg11_cifar(num_classes=True), TypeError),
+        (lambda: vgg16_cifar(num_classes=0), ValueError),
         (lambda: resnet18(num_classes=-1), ValueError),
     ],
 )
