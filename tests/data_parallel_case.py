@@ -13,6 +13,7 @@ errors that need a live group, and saves everything to ``OUT_FILE`` (:func:`torc
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 
 import torch
@@ -161,9 +162,16 @@ def main(argv: list[str]) -> None:
     )
     try:
         results = run_rank(rank)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
     torch.save(results, out_file)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: gloo's background threads can still be joined there
+    # and abort the process ("terminate called without an active exception", exit -6) after
+    # the results are safely written.
+    os._exit(0)
 
 
 if __name__ == "__main__":
