@@ -300,10 +300,8 @@ def relax_minibatches(
         with torch.no_grad():
             return float(discrete_energy(held_out, torch.cat([a, interior, b])))
 
-    history = [held_out_energy()]
-    best, best_points = history[0], interior.detach().clone()
-    status, message, residual = Status.MAX_ITERATIONS, _MAXITER_MESSAGE, math.nan
-    steps, epochs, since = 0, 0, 0  # since: checks since the last step-size cut
+    rule = _HeldOutRule(policy, held_out_energy(), interior, opt, base_lr)
+    steps = epochs = 0
     for epoch in range(int(policy.epochs)):
         n = 0
         for x in _epoch(batches, policy.batch_size, generator):
@@ -315,42 +313,17 @@ def relax_minibatches(
                 e.backward()
             opt.step()
             n, steps = n + 1, steps + 1
-            if steps % int(policy.check_every):
-                continue
-            history.append(held_out_energy())
-            since += 1
-            if not math.isfinite(history[-1]):
-                status, message = Status.NON_FINITE, _NON_FINITE_MESSAGE
+            if steps % int(policy.check_every) == 0 and rule.check(held_out_energy(), interior):
                 break
-            if history[-1] < best:
-                best, best_points = history[-1], interior.detach().clone()
-            if verbose:
-                print(f"minibatch relax step {steps}: held-out energy {history[-1]:.8e}")
-            if since < int(policy.patience):
-                continue
-            before = min(history[: -int(policy.patience)])
-            residual = max(0.0, 1.0 - min(history[-int(policy.patience) :]) / before)
-            if residual > policy.rtol:
-                continue
-            if opt.param_groups[0]["lr"] > 1.5 * base_lr * policy.final_lr:
-                opt.param_groups[0]["lr"] *= 0.1  # plateau: a tenth of the step, and go on
-                since = 0
-                continue
-            if best < history[0]:
-                status = Status.CONVERGED
-                message = (
-                    f"converged: at the final step size the held-out energy improved by less "
-                    f"than rtol={policy.rtol:g} (relatively) over the last {policy.patience} "
-                    "checks"
-                )
-            else:  # the starting points are still the best: the descent never helped
-                status, message = Status.BREAKDOWN, _NO_PROGRESS_MESSAGE
-            break
+            if verbose and steps % int(policy.check_every) == 0:
+                print(f"minibatch relax step {steps}: held-out energy {rule.history[-1]:.8e}")
         if n == 0:
             raise ValueError("batches hold no batches in this epoch (a one-shot iterator?)")
         epochs = epoch + 1
-        if status != Status.MAX_ITERATIONS:
+        if rule.status != Status.MAX_ITERATIONS:
             break
+    status, message, residual = rule.status, rule.message, rule.residual
+    best_points, history = rule.best_points, rule.history
 
     with torch.no_grad():
         points = torch.cat([a, best_points, b])
@@ -384,6 +357,51 @@ def relax_minibatches(
         },
     )
     return path.raise_if_failed() if strict else path
+
+
+class _HeldOutRule:
+    """The stopping rule of :func:`relax_minibatches`, judged on the held-out energy every
+    ``check_every`` steps: keep the best points; at a plateau (``patience`` checks whose best
+    improves on what came before by at most ``rtol``, relatively) cut the step to a tenth,
+    and at a plateau at ``final_lr`` stop, converged if the path ever beat its start."""
+
+    def __init__(self, policy: Minibatch, start: float, interior, opt, base_lr: float):
+        self.policy, self.opt, self.base_lr = policy, opt, base_lr
+        self.history = [start]
+        self.best, self.best_points = start, interior.detach().clone()
+        self.status, self.message, self.residual = Status.MAX_ITERATIONS, _MAXITER_MESSAGE, math.nan
+        self.since = 0  # checks since the last step-size cut
+
+    def check(self, energy: float, interior: torch.Tensor) -> bool:
+        """Record a held-out energy; ``True`` when the run should stop."""
+        policy, patience = self.policy, int(self.policy.patience)
+        self.history.append(energy)
+        self.since += 1
+        if not math.isfinite(energy):
+            self.status, self.message = Status.NON_FINITE, _NON_FINITE_MESSAGE
+            return True
+        if energy < self.best:
+            self.best, self.best_points = energy, interior.detach().clone()
+        if self.since < patience:
+            return False
+        before = min(self.history[:-patience])
+        self.residual = max(0.0, 1.0 - min(self.history[-patience:]) / before)
+        if self.residual > policy.rtol:
+            return False
+        group = self.opt.param_groups[0]
+        if group["lr"] > 1.5 * self.base_lr * policy.final_lr:
+            group["lr"] *= 0.1  # plateau: a tenth of the step, and go on
+            self.since = 0
+            return False
+        if self.best < self.history[0]:
+            self.status = Status.CONVERGED
+            self.message = (
+                f"converged: at the final step size the held-out energy improved by less "
+                f"than rtol={policy.rtol:g} (relatively) over the last {policy.patience} checks"
+            )
+        else:  # the starting points are still the best: the descent never helped
+            self.status, self.message = Status.BREAKDOWN, _NO_PROGRESS_MESSAGE
+        return True
 
 
 _MAXITER_MESSAGE = (
