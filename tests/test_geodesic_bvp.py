@@ -201,6 +201,12 @@ def test_path_interpolation_and_save_load(sphere_path, tmp_path):
         path.method,
     )
     assert back.metadata == path.metadata
+    # the same state in memory (as a checkpoint holds it) round-trips too; another kind is refused
+    again = GeodesicPath.from_state_dict(path.state_dict())
+    torch.testing.assert_close(again.points, path.points, rtol=0, atol=0)
+    assert again.status == path.status
+    with pytest.raises(ValueError, match="the checkpoint does not hold a GeodesicPath"):
+        GeodesicPath.from_state_dict({"points": path.points}, source="the checkpoint")
 
 
 def test_bad_inputs(sphere_metric):

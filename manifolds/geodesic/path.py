@@ -232,13 +232,19 @@ class GeodesicPath:
         ``MAX_ITERATIONS`` otherwise, and ``metadata["loaded_from"]`` names the old format.
         """
         state = torch.load(file, map_location=map_location, weights_only=True)
+        return cls.from_state_dict(state, source=str(file))
+
+    @classmethod
+    def from_state_dict(cls, state: dict, *, source: str = "the state") -> GeodesicPath:
+        """The path :meth:`state_dict` describes (either format, as :meth:`load` reads);
+        ``source`` names where the state came from in the error for one of another kind."""
         tag = state.get("format") if isinstance(state, dict) else None
         if tag == _FORMAT_1:
             state = _upgrade_format_1(state)
         elif tag != FORMAT:
             raise ValueError(
-                f"{file} does not hold a GeodesicPath written by GeodesicPath.save (format tag "
-                f"{tag!r}; this version reads {FORMAT!r} and {_FORMAT_1!r})"
+                f"{source} does not hold a GeodesicPath written by GeodesicPath.save (format "
+                f"tag {tag!r}; this version reads {FORMAT!r} and {_FORMAT_1!r})"
             )
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in state.items() if k in names})

@@ -128,22 +128,25 @@ def _geodesic(folder: RunFolder, net_a, net_b, anchor, o: PathOptions) -> Geodes
     saved = resume_checkpoint(file, settings, map_location=anchor.device)
     path, done = None, 0
     if saved is not None:
-        names = {f.name for f in dataclasses.fields(GeodesicPath)}
-        path = GeodesicPath(**{k: v for k, v in saved.state["path"].items() if k in names})
+        path = GeodesicPath.from_state_dict(saved.state["path"], source=str(file))
         done = saved.step
+
+    def relaxed(maxiter: int, init: GeodesicPath | None) -> GeodesicPath:
+        return connect(
+            net_a,
+            net_b,
+            anchor,
+            output_metric=o.metric,
+            damping=o.damping,
+            n_points=o.points,
+            maxiter=maxiter,
+            init=init,
+        )
+
     with folder.progress.bar(o.maxiter, "geodesic (L-BFGS)", initial=done) as bar:
         while done < o.maxiter and not (path is not None and path.converged):
             n = min(o.round, o.maxiter - done)
-            path = connect(
-                net_a,
-                net_b,
-                anchor,
-                output_metric=o.metric,
-                damping=o.damping,
-                n_points=o.points,
-                maxiter=n,
-                init=path,
-            )
+            path = relaxed(n, path)
             done += n
             save_checkpoint(file, {"path": path.state_dict()}, settings=settings, step=done)
             bar.update(n)
@@ -151,15 +154,7 @@ def _geodesic(folder: RunFolder, net_a, net_b, anchor, o: PathOptions) -> Geodes
             if path.iterations == 0 or path.status == Status.BREAKDOWN:  # no more progress
                 break
     if path is None:  # --maxiter 0: the line, relaxed zero times
-        path = connect(
-            net_a,
-            net_b,
-            anchor,
-            output_metric=o.metric,
-            damping=o.damping,
-            n_points=o.points,
-            maxiter=0,
-        )
+        path = relaxed(0, None)
     path.metadata["total_iterations"] = done
     return path
 
