@@ -109,7 +109,8 @@ def plot_summary(records: list[dict], file: Path) -> None:
         fig.suptitle(title, fontsize=10)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, whose defaults are the benchmark's configuration of each method."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=list(BENCHMARKS))
     p.add_argument("--scenarios", nargs="+", default=["task", "class"], choices=["task", "class"])
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--checkpoint-dir", type=Path, default=Path("runs/continual"))
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     ds = load_mnist(args.mnist_root)
     print(f"data: {ds.name}, {len(ds.x_train)} train / {len(ds.x_test)} test images")

@@ -67,12 +67,12 @@ import torch
 import riemfip.optim as ro
 from riemfip.applications.classifiers import mlp
 from riemfip.applications.continual import run_continual
-from riemfip.applications.continual_methods import EWC, FineTune, FIPMethod, Joint, Replay
-from riemfip.applications.gpm import GPM
+from riemfip.applications.continual_methods import FIPMethod
 from riemfip.data import digits, mnist_subset, split_tasks
 from riemfip.plotting import png_figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import continual_mnist  # noqa: E402
 from fip_defaults import machine, small_cnn  # noqa: E402
 
 METHODS = ("finetune", "ewc", "replay", "joint", "gpm", "fip", "fip-penalty")
@@ -101,21 +101,18 @@ FIP_LR, PENALTY_LR = 0.4, 0.3
 EXTRA: dict[str, str] = {}
 
 
+#: continual_mnist.py's configuration of the baselines (its option defaults)
+BASELINES = continual_mnist.build_parser().parse_args([])
+
+
 def make_method(name: str, lr: float):
-    """The benchmark's configuration of each method (FIP forms at their defaults)."""
+    """Each method: the baselines as ``continual_mnist.py`` configures them, the FIP forms
+    at their defaults."""
     if name in EXTRA:
         options = eval(EXTRA[name], {k: getattr(ro, k) for k in ro.__all__})  # benchmark option
         return FIPMethod(lr_scale=options.pop("lr", FIP_LR) / lr, **options)
-    if name == "finetune":
-        return FineTune()
-    if name == "ewc":
-        return EWC(lam=1e3, fisher_samples=200)
-    if name == "replay":
-        return Replay()
-    if name == "joint":
-        return Joint()
-    if name == "gpm":
-        return GPM()
+    if name in ("finetune", "ewc", "replay", "joint", "gpm"):
+        return continual_mnist.make_method(name, BASELINES)
     if name == "fip":
         return FIPMethod(lr_scale=FIP_LR / lr)
     if name == "fip-penalty":
