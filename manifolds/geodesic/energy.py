@@ -75,11 +75,10 @@ def discrete_energy(metric, points: torch.Tensor, t: torch.Tensor | None = None)
     if dp is None:
         features = torch.stack([metric.embed(p) for p in points])
         return chord_energy(chord_lengths(features), chord_lengths(points), t, metric.damping)
-    # sum_r |dF_{r,k}|^2, the points' gradient summed over ranks (DataParallel.shared)
+    # the points' gradient summed over ranks (DataParallel.shared)
     features = torch.stack([metric.embed(p) for p in dp.shared(points)])
-    squares = dp.sum(features.diff(dim=0).square().sum(1))
     steps = points.diff(dim=0).square().sum(1)
-    return chord_energy(squares, steps, t, metric.damping, squared=True)
+    return chord_energy(_summed_squares(dp, features), steps, t, metric.damping, squared=True)
 
 
 def feature_chord_lengths(metric, features: torch.Tensor) -> torch.Tensor:
@@ -90,7 +89,13 @@ def feature_chord_lengths(metric, features: torch.Tensor) -> torch.Tensor:
     dp = getattr(metric, "data_parallel", None)
     if dp is None:
         return chord_lengths(features)
-    return dp.sum(features.diff(dim=0).square().sum(1)).sqrt()
+    return _summed_squares(dp, features).sqrt()
+
+
+def _summed_squares(dp, features: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_r \|F_r(w_{k+1}) - F_r(w_k)\|^2` from this rank's rows of ``features``: the
+    squared embedded chords of the union of the shards, on every rank (differentiably)."""
+    return dp.sum(features.diff(dim=0).square().sum(1))
 
 
 def midpoint_speeds(metric, points: torch.Tensor) -> torch.Tensor:
