@@ -562,6 +562,40 @@ def test_diverging_step_is_refused_and_weights_untouched(task):
     assert opt.state[opt._groups[0].key]["step"] == 0
 
 
+def test_a_refused_step_leaves_momentum_and_anchor_sampling_as_they_were(task):
+    """After a good step, a diverging one changes nothing: the momentum buffer, the step count,
+    the anchor order and the generator are restored, so the next step at a sane rate is the
+    step an optimizer that never saw the bad one takes."""
+    nets = [copy.deepcopy(task["net"]) for _ in range(2)]
+    opts = [
+        FIP(n.parameters(), lr=0.05, momentum=0.5, model=n, anchor_inputs=task["anchors"],
+            anchors=AnchorSampling(batch=20))
+        for n in nets
+    ]  # fmt: skip
+    for net, opt in zip(nets, opts, strict=True):
+        opt.zero_grad()
+        new_task_backward(net, task)
+        opt.step()
+    net, opt = nets[0], opts[0]
+    key = opt._groups[0].key
+    buffer = opt.state[key]["momentum_buffer"].clone()
+    order, generator = opt._order.clone(), opt._generator.get_state()
+    opt.param_groups[0]["lr"] = 1e308
+    opt.zero_grad()
+    (1e20 * nn.functional.cross_entropy(net(task["xb"]), task["yb"])).backward()
+    with pytest.raises(FloatingPointError, match="step 2 of group 0"):
+        opt.step()
+    assert torch.equal(opt.state[key]["momentum_buffer"], buffer)
+    assert opt.state[key]["step"] == 1
+    assert torch.equal(opt._order, order) and torch.equal(opt._generator.get_state(), generator)
+    opt.param_groups[0]["lr"] = 0.05
+    for net, opt in zip(nets, opts, strict=True):
+        opt.zero_grad()
+        new_task_backward(net, task)
+        opt.step()
+    assert torch.equal(flat(nets[0]), flat(nets[1]))
+
+
 def test_anchor_transform_of_wrong_shape_is_rejected(task):
     net = copy.deepcopy(task["net"])
     opt = FIP(

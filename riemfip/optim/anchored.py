@@ -364,17 +364,24 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
     def _step_group(self, gi: int, param_group: dict, grad: torch.Tensor) -> PathStepInfo:
         group = self._groups[gi]
         state = self.state[group.key]
-        state["step"] = state.get("step", 0) + 1
+        # what a refused step restores: the group's state (whose tensors are replaced, never
+        # updated in place), the anchor order and the generator
+        state.setdefault("step", 0)
+        before = (dict(state), self._order, self._generator.get_state())
+        state["step"] += 1
         w = group.read()
         x, y0 = self._step_anchors(group)
         secondary, correction, diag = self._direction(gi, param_group, state, w, grad, x, y0)
         new_w, drift, scale, shrunk = self._guarded_move(gi, w, secondary, correction)
         if not bool(torch.isfinite(new_w.sum())):
-            state["step"] -= 1
+            state.clear()
+            state.update(before[0])
+            self._order = before[1]
+            self._generator.set_state(before[2])
             raise FloatingPointError(
-                f"step {state['step']} of group {gi} is not finite (|grad| = "
-                f"{float(grad.norm()):.3g}); the weights are left as they were: lower lr "
-                "(the step diverged)"
+                f"step {state['step'] + 1} of group {gi} is not finite (|grad| = "
+                f"{float(grad.norm()):.3g}); the weights and the optimizer's state are left as "
+                "they were: lower lr (the step diverged)"
             )
         group.write(new_w)
         budget = self.guard.budget

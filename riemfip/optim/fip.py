@@ -225,7 +225,7 @@ class FIP(PathOptimizer):
         lr, lam = param_group["lr"], state["damping"]
         if param_group["momentum"] > 0:
             buf = state.get("momentum_buffer")
-            buf = grad.clone() if buf is None else buf.mul_(param_group["momentum"]).add_(grad)
+            buf = grad.clone() if buf is None else buf.mul(param_group["momentum"]).add_(grad)
             state["momentum_buffer"] = buf
             grad = buf
         seen = self.step_output_metric(x, y0)
