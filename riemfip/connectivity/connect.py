@@ -201,11 +201,12 @@ def _minibatch_geodesic(model, w_a, w_b, data, held_out, policy, n_points, optio
     """:func:`manifolds.geodesic.relax_minibatches` with :func:`connection_metric` on each
     batch (inputs checked on the first batch only); ``metadata["samples"]`` counts the
     samples of one pass."""
-    counter = {"checked": False}
+    checked = False
 
     def metric_of(x):
-        metric = connection_metric(model, x, check_inputs=not counter["checked"], **options)
-        counter["checked"] = True
+        nonlocal checked
+        metric = connection_metric(model, x, check_inputs=not checked, **options)
+        checked = True
         return metric
 
     ho = None if held_out is None else connection_metric(model, held_out, **options)
