@@ -371,9 +371,7 @@ def fit(xs, ys) -> dict:
 
 # ------------------------------------------------------------------ the report
 def _x(r) -> str:
-    if r is None:
-        return "-"
-    return f"{r:.2f}×" if r < 10 else f"{r:.1f}×" if r < 1000 else f"{r:.0f}×"
+    return "-" if r is None else fip_cost._x(r)
 
 
 def _ms(s) -> str:
