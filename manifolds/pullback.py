@@ -388,7 +388,10 @@ class PullbackMetric:
         w = self.check_point(w)
         if self.data_parallel is not None:
             start = torch.randn(
-                w.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+                w.numel(),
+                generator=torch.Generator().manual_seed(0),
+                dtype=torch.float64,
+                device="cpu",
             )
             return lanczos(
                 lambda v: self._matvec(w, v), w, k, tol=tol, damping=self.damping, v0=start

@@ -414,7 +414,10 @@ def permuted_tasks(
     gen = torch.Generator().manual_seed(int(seed))
     tasks = []
     for k in range(n):
-        perm = torch.arange(d) if (k == 0 and first_identity) else torch.randperm(d, generator=gen)
+        if k == 0 and first_identity:
+            perm = torch.arange(d, device="cpu")
+        else:
+            perm = torch.randperm(d, generator=gen, device=gen.device)
 
         def apply(x: torch.Tensor, perm=perm) -> torch.Tensor:
             return x.reshape(len(x), d)[:, perm.to(x.device)].reshape(len(x), *shape)

@@ -131,8 +131,11 @@ def _epoch(batches, batch_size: int, generator: torch.Generator | None):
     the iterable's own batches."""
     if isinstance(batches, torch.Tensor):
         n = len(batches)
-        order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
-        order = order.to(batches.device)
+        if generator is None:
+            order = torch.arange(n, device=batches.device)
+        else:
+            order = torch.randperm(n, generator=generator, device=generator.device)
+            order = order.to(batches.device)
         for lo in range(0, n, int(batch_size)):
             yield batches[order[lo : lo + int(batch_size)]]
     else:

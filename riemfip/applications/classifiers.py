@@ -92,7 +92,7 @@ def minibatches(
     gen = torch.Generator().manual_seed(int(seed))
     done = 0
     while done < steps:
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen, device=gen.device)
         for i in range(0, n, batch_size):
             if done == steps:
                 return

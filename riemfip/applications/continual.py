@@ -355,7 +355,7 @@ def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, 
     opt = method.optimizer(model, lr, t, memory)
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen).to(x.device)
+        perm = torch.randperm(len(x), generator=gen, device=gen.device).to(x.device)
         for s in range(0, len(x), batch_size):
             idx = perm[s : s + batch_size]
             opt.zero_grad()

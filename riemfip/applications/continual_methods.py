@@ -86,7 +86,9 @@ class Replay(ContinualMethod):
 
     def loss(self, model, x, y, task_ids, t, memory, heads, generator):
         if len(memory):
-            idx = torch.randint(len(memory), (len(x),), generator=generator).to(memory.x.device)
+            idx = torch.randint(
+                len(memory), (len(x),), generator=generator, device=generator.device
+            ).to(memory.x.device)
             x = torch.cat([x, memory.x[idx]])
             y = torch.cat([y, memory.y[idx]])
             task_ids = torch.cat([task_ids, memory.task_ids[idx]])

@@ -28,7 +28,7 @@ def random_anchor(x: torch.Tensor, anchor_size: int, seed: int) -> torch.Tensor:
     if not (integer and 2 <= anchor_size <= len(x)):
         raise ValueError(f"anchor_size must be an integer in [2, {len(x)}], got {anchor_size!r}")
     gen = torch.Generator().manual_seed(int(seed))
-    return x[torch.randperm(len(x), generator=gen)[:anchor_size].to(x.device)]
+    return x[torch.randperm(len(x), generator=gen, device=gen.device)[:anchor_size].to(x.device)]
 
 
 def resolve_fip_settings(

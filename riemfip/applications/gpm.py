@@ -161,7 +161,7 @@ class GPM(ContinualMethod):
 
     def end_task(self, model, task, t, heads):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
-        pick = torch.randperm(len(task.x_train), generator=gen)[: self.samples]
+        pick = torch.randperm(len(task.x_train), generator=gen, device=gen.device)[: self.samples]
         threshold = self.task_threshold(t)
         sizes = self.memory.update(
             model, task.x_train[pick.to(task.x_train.device)], threshold, batch_size=self.batch_size

@@ -168,7 +168,7 @@ class _Representation:
             return s.pow(2), vh.T, total
         gram = self.gram.cpu()
         total = float(torch.trace(gram))
-        proj = torch.eye(len(gram), dtype=gram.dtype) - basis @ basis.T
+        proj = torch.eye(len(gram), dtype=gram.dtype, device=gram.device) - basis @ basis.T
         vals, vecs = torch.linalg.eigh(proj @ gram @ proj)
         return vals.flip(0).clamp_min(0), vecs.flip(1), total
 
@@ -252,7 +252,7 @@ class BasisMemory:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         for name, rep in self._representations(model, x, batch_size).items():
             d = rep.gram.shape[0] if rep.gram is not None else rep.rows[0].shape[1]
-            basis = self.bases.get(name, torch.zeros(d, 0, dtype=torch.float64))
+            basis = self.bases.get(name, torch.zeros(d, 0, dtype=torch.float64, device="cpu"))
             energies, directions, total = rep.residual_spectrum(basis)
             kept = total - float(energies.sum())
             r = min(rank_for_energy(energies, total, threshold, kept), d - basis.shape[1])

@@ -67,7 +67,7 @@ def _operations(
     fip = FIP(fip_net.parameters(), model=fip_net, anchor_inputs=anchors)
     metric = PullbackMetric.from_module(ref, x, output_metric=output_metric, damping=1e-4)
     w = metric.module.flatten().detach()
-    v = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)).to(w)
+    v = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(w)
 
     def forward_backward():
         ref.zero_grad(set_to_none=True)

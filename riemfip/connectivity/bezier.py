@@ -150,11 +150,11 @@ def fit_bezier(
     # Train-mode BatchNorm updates model_a's running statistics: restore them afterwards.
     with _restored_batchnorm(model_a):
         for epoch in range(start, int(epochs)):
-            perm = torch.randperm(n, generator=gen).to(w_a.device)
+            perm = torch.randperm(n, generator=gen, device=gen.device).to(w_a.device)
             loss_sum = 0.0
             for i in range(steps_per_epoch):
                 idx = perm[i * int(batch_size) : (i + 1) * int(batch_size)]
-                t = float(torch.rand((), generator=gen))
+                t = float(torch.rand((), generator=gen, device=gen.device))
                 for group in opt.param_groups:
                     group["lr"] = garipov_learning_rate(lr, (epoch * steps_per_epoch + i) / total)
                 w = (1 - t) ** 2 * w_a + 2 * t * (1 - t) * control + t**2 * w_b

@@ -94,8 +94,13 @@ def as_path(path: object, dim: int | None = None) -> tuple[torch.Tensor, torch.T
     if not bool(torch.isfinite(points).all()):
         raise ValueError("path points contain NaN or Inf")
     if t is None:
-        t = torch.linspace(0, 1, points.shape[0], dtype=torch.float64)
-    t = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1)
+        t = torch.linspace(0, 1, points.shape[0], dtype=torch.float64, device="cpu")
+    t = (
+        torch.as_tensor(t, device=t.device if isinstance(t, torch.Tensor) else "cpu")
+        .detach()
+        .to("cpu", torch.float64)
+        .reshape(-1)
+    )
     if t.numel() != points.shape[0]:
         raise ValueError(f"path has {points.shape[0]} points but {t.numel()} times")
     if not bool((t.diff() > 0).all()):
@@ -406,8 +411,8 @@ def evaluate_path(
     return PathEvaluation(
         name=str(name),
         t=t,
-        loss=torch.tensor(losses, dtype=torch.float64),
-        accuracy=torch.tensor(accs, dtype=torch.float64),
+        loss=torch.tensor(losses, dtype=torch.float64, device="cpu"),
+        accuracy=torch.tensor(accs, dtype=torch.float64, device="cpu"),
         weight_length=float(dw.sum()),
         function_length=function_length,
         energy=energy,

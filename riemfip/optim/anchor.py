@@ -45,14 +45,14 @@ class AnchorDrift:
     agreement: float
 
 
-def holdout_mask(n: int, fraction: float) -> torch.Tensor:
+def holdout_mask(n: int, fraction: float, device: torch.device | str = "cpu") -> torch.Tensor:
     r"""Boolean mask of the held-out samples among ``n``: an evenly spread ``fraction``.
 
     Sample :math:`i` is held out when :math:`\lfloor (i+1) f\rfloor > \lfloor i f\rfloor`,
     so class-ordered inputs lose the same share of every class and no random
-    state is involved.
+    state is involved. The mask is made on ``device``.
     """
-    idx = torch.arange(n, dtype=torch.float64)
+    idx = torch.arange(n, dtype=torch.float64, device=device)
     return torch.floor((idx + 1) * fraction) > torch.floor(idx * fraction)
 
 
@@ -123,7 +123,7 @@ class Anchor:
                     f"anchor_inputs {tuple(x.shape[1:])}"
                 )
         elif holdout_fraction > 0:
-            mask = holdout_mask(len(x), holdout_fraction).to(x.device)
+            mask = holdout_mask(len(x), holdout_fraction, x.device)
             if bool(mask.all()) or not bool(mask.any()):
                 raise ValueError(
                     f"holdout_fraction={holdout_fraction} of {len(x)} anchor samples leaves "

@@ -181,7 +181,7 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
         like = self._shared_anchor.fit_inputs if self._shared_anchor is not None else None
         self._generator = torch.Generator(device=like.device if like is not None else "cpu")
         self._generator.manual_seed(anchors.seed)
-        self._order = torch.zeros(0, dtype=torch.long)
+        self._order = torch.zeros(0, dtype=torch.long, device="cpu")
         self.last_info: list[PathStepInfo] = []
         super().__init__(params, defaults)
         if self.anchor is None:

@@ -192,7 +192,8 @@ class FIP(PathOptimizer):
                 raise ValueError("FIP needs an anchor metric with damping > 0")
         else:
             fit = group.anchor.fit_inputs
-            sample = fit[torch.linspace(0, len(fit) - 1, min(len(fit), 64)).long().unique()]
+            spread = torch.linspace(0, len(fit) - 1, min(len(fit), 64), device=fit.device)
+            sample = fit[spread.long().unique()]
             jac = self.step_metric(gi, sample, 0.0).jacobian_operator(group.read())
             lam = self.param_groups[gi]["damping"] * jac.trace() / jac.embedded.numel()
             if not lam > 0:
