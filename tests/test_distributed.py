@@ -5,9 +5,11 @@ network; every result of the data-parallel metric must be the same on both ranks
 bit: every reduction is one two-term all-reduce, after which the ranks compute alike) and
 equal to the one-process metric on the union of the shards (the definition,
 :math:`g = N^{-1}\sum_{\text{all } b} J_b^\top G J_b + \lambda I`). Checked against a dense
-reference built without :mod:`manifolds` as well. The ranks run
-``tests/data_parallel_case.py`` once for the whole module (a few seconds, most of it
-importing torch twice), each joining the group through a ``file://`` store in a fresh
+reference built without :mod:`manifolds` as well. The geodesic solvers that run with a group
+(minibatch relaxation, each step on the ranks' parts of one batch; Newton-Krylov shooting
+on 3 inputs split 1 and 2) must equal one process on the union too. The ranks run
+``tests/data_parallel_case.py`` once for the whole module (several seconds, most of them
+importing torch twice and shooting), each joining the group through a ``file://`` store in a fresh
 temporary folder, so that no TCP port is chosen or raced for; a hung rank is killed after
 :data:`TIMEOUT` seconds.
 """
