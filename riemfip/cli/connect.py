@@ -92,8 +92,10 @@ def add_minibatch_arguments(parser) -> None:
     """``--method`` and the minibatch route's options (``connect`` only)."""
     group = parser.add_argument_group(
         "route",
-        "relax: L-BFGS on the --anchors inputs (--maxiter, --round); minibatch: Adam on "
-        "minibatches of the whole training set, checkpointed and resumed per epoch",
+        "relax: L-BFGS on the metric of the --anchors inputs (--maxiter, --round).\n"
+        "minibatch: Adam on minibatches of the whole training set, checkpointed after\n"
+        "each epoch (a resumed run continues from the last finished epoch).\n"
+        "Both routes' paths are compared in the metric of the --anchors inputs.",
     )
     add = group.add_argument
     add("--method", choices=ROUTES, default="relax", help="route to the geodesic")
