@@ -6,8 +6,10 @@ union of the shards) and run as a script by each rank::
     python tests/data_parallel_case.py RANK WORLD_SIZE INIT_FILE OUT_FILE
 
 A rank joins a gloo process group through ``file://INIT_FILE``, runs :func:`compute` on its
-shard with ``process_group``, runs FIP steps on its half of a new-task batch, provokes the
-errors that need a live group, and saves everything to ``OUT_FILE`` (:func:`torch.save`).
+shard with ``process_group``, runs FIP steps on its half of a new-task batch, relaxes a
+geodesic by minibatches of its shards (:func:`minibatch_path`), shoots one by Newton-Krylov
+(:func:`shooting_path`), provokes the errors that need a live group, and saves everything to
+``OUT_FILE`` (:func:`torch.save`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 from dense_reference import flat_weights, make_mlp, randn
 
 from manifolds import PullbackMetric
-from manifolds.geodesic import discrete_energy, relax
-from riemfip.connectivity import path_energy
+from manifolds.geodesic import Minibatch, collocation, discrete_energy, relax, shoot
+from riemfip.connectivity import connect, path_energy
 from riemfip.optim import FIP
 
 OUTPUT_METRIC = "fisher"
@@ -107,6 +109,85 @@ def fip_weights(loss_fn, process_group=None) -> list[torch.Tensor]:
     return out
 
 
+#: The minibatch route: 15 inputs met in 3 batches per epoch, the same batch order every
+#: epoch; at iteration ``i`` the ranks together hold ``x[5 i : 5 i + 5]``, rank 0 its first
+#: :data:`MB_SPLIT` inputs and rank 1 the rest. 4 held-out inputs, rank 0 holds the first.
+MB_BATCHES, MB_SPLIT = 3, 2
+#: 12 Adam steps, a held-out check every 2 (a plateau, and a step-size cut, within the run).
+MB_POLICY = Minibatch(epochs=4, lr=0.05, check_every=2, patience=2, rtol=0.02)
+
+
+def minibatch_batches(rank: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(batches, held_out)``: the union's (``rank=None``) or rank ``rank``'s share."""
+    x, held = randn(5 * MB_BATCHES, 5, seed=20), randn(4, 5, seed=21)
+    union = [x[5 * i : 5 * i + 5] for i in range(MB_BATCHES)]
+    if rank is None:
+        return union, held
+    part = slice(0, MB_SPLIT) if rank == 0 else slice(MB_SPLIT, None)
+    return [b[part] for b in union], held[:1] if rank == 0 else held[1:]
+
+
+def minibatch_path(batches, held_out, process_group=None) -> dict[str, object]:
+    """:func:`riemfip.connect` by minibatches between :func:`network` and another 5-4-3
+    network (a 4-point path)."""
+    other = make_mlp((5, 4, 3), seed=22, scale=1.5)
+    options = {} if process_group is None else {"process_group": process_group}
+    path = connect(
+        network(),
+        other,
+        batches,
+        output_metric=OUTPUT_METRIC,
+        damping=DAMPING,
+        n_points=4,
+        method=MB_POLICY,
+        held_out=held_out,
+        metric_options=options,
+    )
+    return {
+        "mb_points": path.points,
+        "mb_iterations": path.iterations,
+        "mb_status": int(path.status),
+        "mb_objective": path.metadata["objective"],
+        "mb_objective_line": path.metadata["objective_line"],
+        "mb_held_out": torch.tensor(path.metadata["held_out_energies"]),
+        "mb_length": path.length,
+    }
+
+
+#: Newton-Krylov shooting on the first three task inputs (rank 0 holds one, rank 1 two):
+#: one RK4 step, CG accelerations, to an end 0.3 (per weight) from ``w``.
+SHOOT_SHARDS = (slice(0, 1), slice(1, 3))
+SHOOT = {"steps": 1, "jacobian": "krylov", "solver": "cg", "maxiter": 8, "tol": 1e-9}
+
+
+def shooting_metric(process_group=None, rank: int | None = None) -> PullbackMetric:
+    """The metric of the shooting check: of all three inputs, or of rank ``rank``'s share."""
+    x = task_inputs()[: SHOOT_SHARDS[-1].stop]
+    x = x if rank is None else x[SHOOT_SHARDS[rank]]
+    return PullbackMetric.from_module(
+        network(), x, output_metric=OUTPUT_METRIC, damping=DAMPING, process_group=process_group
+    )
+
+
+def shooting_ends() -> tuple[torch.Tensor, torch.Tensor]:
+    w = flat_weights(network())
+    return w, w + 0.3 * randn(w.numel(), seed=23)
+
+
+def shooting_path(metric: PullbackMetric) -> dict[str, object]:
+    """:func:`manifolds.geodesic.shoot` with ``jacobian="krylov"`` between
+    :func:`shooting_ends`."""
+    path = shoot(metric, *shooting_ends(), **SHOOT)
+    return {
+        "shoot_v0": path.v0,
+        "shoot_points": path.points,
+        "shoot_status": int(path.status),
+        "shoot_residual": path.residual,
+        "shoot_iterations": path.iterations,
+        "shoot_defects": torch.tensor(path.metadata["defect_history"]),
+    }
+
+
 def _error(fn) -> tuple[str, str] | None:
     """``(type name, message)`` of what ``fn()`` raises, or ``None``."""
     try:
@@ -133,11 +214,18 @@ def run_rank(rank: int) -> dict[str, object]:
     _, _, xf, yf = fip_problem()
     mine = slice(4 * rank, 4 * rank + 4)
     out["fip"] = fip_weights(lambda m: F.cross_entropy(m(xf[mine]), yf[mine]), group)
+    out |= minibatch_path(*minibatch_batches(rank), group)
+    shooting = shooting_metric(group, rank)
+    out |= shooting_path(shooting)
+    ends = shooting_ends()
+    out["shoot_auto"] = shoot(shooting, *ends, steps=1, maxiter=0).metadata["jacobian"]
 
     # errors: local ones first, then the ones the collective check finds (on both ranks)
     out["error_dense"] = _error(lambda: metric.solve(w, b, method="dense"))
     out["error_output"] = _error(lambda: metric.acceleration(w, b, method="output"))
     out["error_dense_matrix"] = _error(lambda: metric.dense(w))
+    out["error_shoot_dense"] = _error(lambda: shoot(shooting, *ends, jacobian="dense"))
+    out["error_collocation"] = _error(lambda: collocation(shooting, *ends))
     out["error_group_type"] = _error(
         lambda: PullbackMetric.from_module(net, x, process_group="world")
     )

@@ -156,6 +156,46 @@ def test_connect_two_networks_written_by_the_demo(demo, work):
     assert (out / "paths.png").is_file() and (out / "checkpoints" / "geodesic.pt").is_file()
 
 
+# The minibatch route on the demo's networks: batches of 100 of the 3,800 training inputs
+# left after 200 held out, 38 Adam steps an epoch (a held-out check every 25).
+MINIBATCH = (
+    *("--method", "minibatch", "--batch-size", "100", "--epochs", "2", "--held-out", "200"),
+    *("--points", "5", "--anchors", "16", "--bezier-epochs", "0", "--quiet"),
+)
+
+
+def test_connect_by_minibatches_records_its_route_and_resumes_per_epoch(demo, work):
+    from riemfip.checkpoint import load_checkpoint
+
+    nets = (demo / "net_a.pt", demo / "net_b.pt")
+    whole, out = work / "minibatch", work / "minibatch-stopped"
+    args = ("connect", *nets, *MINIBATCH, "--out")
+
+    def stop_after_one(*more) -> int:  # as Ctrl-C would, after the next checkpoint written
+        return riemfip(*args, out, *more, env={"RIEMFIP_STOP_AFTER": "1"}).returncode
+
+    uninterrupted = start(*args, whole)  # alongside the stopped runs
+    assert stop_after_one() == 130
+    first = load_checkpoint(out / "checkpoints" / "geodesic.pt")
+    assert first.step == 1 and first.state["minibatch"]["steps"] == 38
+    # the resumed run goes on from epoch 1: its first checkpoint is epoch 2's, not epoch 1's
+    assert stop_after_one("--resume") == 130
+    second = load_checkpoint(out / "checkpoints" / "geodesic.pt")
+    assert second.step == 2 and second.state["minibatch"]["steps"] == 76
+    resumed = riemfip(*args, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    record = json.loads((whole / "record.json").read_text())
+    assert figures(json.loads((out / "record.json").read_text())) == figures(record)
+    geo = record["results"]["geodesic"]
+    assert geo["route"] == "minibatch" and record["summary"]["geodesic"]["route"] == "minibatch"
+    assert geo["policy"]["batch_size"] == 100 and geo["policy"]["epochs"] == 2
+    assert geo["training_inputs"] == 3800 and geo["held_out_inputs"] == 200
+    assert geo["status"] in ("CONVERGED", "MAX_ITERATIONS") and geo["iterations"] > 25
+    assert geo["objective"] < 0.9 * geo["objective_line"]  # the path left the line
+
+
 def _bad_inputs(demo: Path, other: Path, work: Path) -> dict[str, tuple]:
     text = work / "notes.pt"
     text.write_text("not a checkpoint\n")
@@ -178,6 +218,15 @@ def _bad_inputs(demo: Path, other: Path, work: Path) -> dict[str, tuple]:
         ),
         "unknown config key": (("train", "--config", config), "'epoch' is not an option"),
         "out of range": (("demo", "--maxiter", "-1"), "--maxiter must be >= 0"),
+        "minibatch option without the route": (
+            ("connect", demo / "net_a.pt", demo / "net_b.pt", "--batch-size", "64"),
+            "--batch-size is an option of --method minibatch",
+        ),
+        "held out all the training set": (
+            ("connect", demo / "net_a.pt", demo / "net_b.pt", "--method", "minibatch")
+            + ("--held-out", "4000"),
+            "at least one must be left",
+        ),
     }
 
 
@@ -191,6 +240,8 @@ def _bad_inputs(demo: Path, other: Path, work: Path) -> dict[str, tuple]:
         "missing dataset folder",
         "unknown config key",
         "out of range",
+        "minibatch option without the route",
+        "held out all the training set",
     ],
 )
 def test_bad_input_is_one_line_on_stderr_and_exit_2(case, demo, other_network, work):

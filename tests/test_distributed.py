@@ -5,9 +5,11 @@ network; every result of the data-parallel metric must be the same on both ranks
 bit: every reduction is one two-term all-reduce, after which the ranks compute alike) and
 equal to the one-process metric on the union of the shards (the definition,
 :math:`g = N^{-1}\sum_{\text{all } b} J_b^\top G J_b + \lambda I`). Checked against a dense
-reference built without :mod:`manifolds` as well. The ranks run
-``tests/data_parallel_case.py`` once for the whole module (a few seconds, most of it
-importing torch twice), each joining the group through a ``file://`` store in a fresh
+reference built without :mod:`manifolds` as well. The geodesic solvers that run with a group
+(minibatch relaxation, each step on the ranks' parts of one batch; Newton-Krylov shooting
+on 3 inputs split 1 and 2) must equal one process on the union too. The ranks run
+``tests/data_parallel_case.py`` once for the whole module (several seconds, most of them
+importing torch twice and shooting), each joining the group through a ``file://`` store in a fresh
 temporary folder, so that no TCP port is chosen or raced for; a hung rank is killed after
 :data:`TIMEOUT` seconds.
 """
@@ -27,16 +29,23 @@ from data_parallel_case import (
     DAMPING,
     OUTPUT_METRIC,
     SHARDS,
+    SHOOT,
     compute,
     fip_problem,
     fip_weights,
+    minibatch_batches,
+    minibatch_path,
     network,
+    shooting_ends,
+    shooting_metric,
+    shooting_path,
     task_inputs,
     vectors,
 )
 from dense_reference import dense_metric_ref, flat_weights, logits_fn
 
 from manifolds import PullbackMetric
+from manifolds.geodesic import integrate_geodesic
 from riemfip.optim import FIP
 
 WORLD = 2
@@ -175,6 +184,48 @@ def test_path_energy_and_its_gradient(ranks, union):
         _close(r["relax_points"], union["relax_points"], rtol=1e-10)
 
 
+def test_minibatch_relaxation_is_the_one_on_the_union_of_each_steps_batches(ranks):
+    # At step i every rank holds its part of the i-th union batch (the same order every
+    # epoch), so each step's energy, its gradient and every held-out check are those of
+    # the union: the ranks' Adam iterates are one process's on the union batches.
+    union = minibatch_path(*minibatch_batches())
+    assert union["mb_objective"] < 0.9 * union["mb_objective_line"]  # the path moved
+    assert len(union["mb_held_out"]) == 7  # a check every 2 of the 12 steps, and the start
+    for r in ranks:
+        assert r["mb_iterations"] == union["mb_iterations"] == 12
+        assert r["mb_status"] == union["mb_status"]
+        _close(r["mb_held_out"], union["mb_held_out"], rtol=1e-10)
+        _close(r["mb_points"], union["mb_points"], rtol=1e-10)
+        _close(r["mb_objective"], union["mb_objective"], rtol=1e-10)
+        _close(r["mb_length"], union["mb_length"], rtol=1e-10)
+    # rank 0's batches alone relax to another path
+    alone = minibatch_path(*minibatch_batches(0))
+    assert float((alone["mb_points"] - union["mb_points"]).abs().max()) > 1e-2
+
+
+def test_newton_krylov_shooting_solves_the_union_of_the_shards(ranks):
+    w0, w1 = shooting_ends()
+    union_metric = shooting_metric()
+    union = shooting_path(union_metric)
+    assert union["shoot_status"] == 0 and union["shoot_residual"] <= SHOOT["tol"]
+    assert float((union["shoot_v0"] - (w1 - w0)).norm()) > 1e-2  # not the line's velocity
+
+    def end(metric, v0):  # one flow as shoot takes it: where v0 leads from w0
+        return integrate_geodesic(metric, w0, v0, steps=SHOOT["steps"], method="cg").end
+
+    for r in ranks:
+        assert r["shoot_status"] == 0 and r["shoot_iterations"] == union["shoot_iterations"]
+        assert r["shoot_residual"] <= SHOOT["tol"]
+        _close(r["shoot_v0"], union["shoot_v0"], rtol=1e-9)
+        _close(r["shoot_points"], union["shoot_points"], rtol=1e-9)
+        # the ranks' v0 is a geodesic's of the union's metric, not of one shard's
+        assert float((end(union_metric, r["shoot_v0"]) - w1).norm()) <= 2 * SHOOT["tol"]
+        shard = shooting_metric(rank=0)
+        assert float((end(shard, r["shoot_v0"]) - w1).norm()) > 1e-3
+        # with a group, "auto" takes the Krylov route: the dense one needs all of J
+        assert r["shoot_auto"] == "krylov"
+
+
 def test_fip_averages_the_task_gradient(ranks):
     _, _, x, y = fip_problem()
 
@@ -192,7 +243,8 @@ def test_fip_averages_the_task_gradient(ranks):
 
 def test_errors_that_need_a_group(ranks):
     for r in ranks:
-        for key in ("error_dense", "error_output", "error_dense_matrix"):
+        keys = ("error_dense", "error_output", "error_dense_matrix")
+        for key in (*keys, "error_shoot_dense", "error_collocation"):
             kind, message = r[key]
             assert kind == "ValueError" and "whole output Jacobian" in message, r[key]
         kind, message = r["error_group_type"]

@@ -9,6 +9,8 @@ on all the data whatever the batching.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,29 @@ def test_bad_input_gives_named_errors(problem):
         Minibatch(lr=-1.0)
     with pytest.raises(TypeError, match="batch 0"):
         relax_minibatches(lambda z: None, x[0], x[0], [["not a tensor"]])
+
+
+def test_a_run_resumed_from_an_epoch_state_ends_as_the_uninterrupted_one(problem, tmp_path):
+    a, b, x = problem
+    policy = Minibatch(epochs=4, batch_size=8, check_every=3, patience=2, lr=0.1, seed=5)
+    states = []
+    whole = connect(a, b, x, n_points=4, damping=DAMPING, method=policy, on_epoch=states.append)
+    assert [s["epoch"] for s in states] == [1, 2, 3, 4]  # the cap: no stop inside an epoch
+    # through a file, as a checkpoint is read back (weights only)
+    torch.save(states[1], tmp_path / "epoch2.pt")
+    saved = torch.load(tmp_path / "epoch2.pt", weights_only=True)
+    resumed = connect(a, b, x, n_points=4, damping=DAMPING, method=policy, resume=saved)
+    assert torch.equal(resumed.points, whole.points)
+    assert resumed.iterations == whole.iterations == 4 * 5  # 5 batches of 8 per epoch
+    assert resumed.metadata["held_out_energies"] == whole.metadata["held_out_energies"]
+    assert resumed.metadata["objective"] == whole.metadata["objective"]
+    # the state carries the rest of the run: the interior at epoch 2 is not the final one,
+    # and two more epochs from its points alone (a fresh Adam, a fresh shuffle) end elsewhere
+    assert not torch.equal(states[1]["interior"], whole.points[1:-1])
+    init = torch.cat([whole.points[:1], states[1]["interior"], whole.points[-1:]])
+    rest = dataclasses.replace(policy, epochs=2)
+    fresh = connect(a, b, x, n_points=4, damping=DAMPING, method=rest, init=init)
+    assert not torch.equal(fresh.points, whole.points)
+    bad = dict(saved, interior=saved["interior"][:1])
+    with pytest.raises(ValueError, match="another problem"):
+        connect(a, b, x, n_points=4, damping=DAMPING, method=policy, resume=bad)

@@ -36,10 +36,17 @@ every minibatch energy is already the energy of the union of the ranks' batches,
 same value and gradient on every rank, so the Adam steps, the stopping decisions and the
 returned path are identical on every rank. Every rank must then see the same number of
 batches per epoch.
+
+Checkpoints: ``on_epoch`` receives, after every epoch the run goes on from, everything that
+decides the rest of the run (the interior points, Adam's state and step size, the shuffling
+generator, the stopping rule's history); ``resume=`` that dictionary continues the run
+exactly where it was, so that an interrupted run resumed from its last epoch ends with the
+same points as one never stopped.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -226,6 +233,8 @@ def relax_minibatches(
     policy: Minibatch | None = None,
     held_out=None,
     init: torch.Tensor | GeodesicPath | None = None,
+    resume: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
     strict: bool = False,
     verbose: bool = False,
 ) -> GeodesicPath:
@@ -254,6 +263,16 @@ def relax_minibatches(
         detect over-fitting.
     init : tensor of shape (K, n) or GeodesicPath, optional
         Starting points (as for :func:`~manifolds.geodesic.relax`); default the line.
+    resume : dict, optional
+        A state that ``on_epoch`` was given by a run with the same arguments: this run
+        continues it (``init`` is then ignored), with the same result as the run never
+        stopped. Its tensors may be on the CPU (as :func:`torch.load` maps them).
+    on_epoch : callable, optional
+        ``on_epoch(state)`` after each epoch the run goes on from (not after the epoch in
+        which the stopping rule ends it): ``state`` is a dictionary of tensors, numbers and
+        lists (what ``torch.load(weights_only=True)`` reads back), ``state["epoch"]`` the
+        epochs done. Save it there to checkpoint a long run; it is the same on every rank
+        of a data-parallel run.
     strict : bool
         Raise :class:`~manifolds.validation.NotConvergedError` when not converged.
     verbose : bool
@@ -272,7 +291,8 @@ def relax_minibatches(
     Raises
     ------
     ValueError
-        No batches; bad ``n_points``; ``init`` of the wrong shape or ends.
+        No batches; bad ``n_points``; ``init`` of the wrong shape or ends; a ``resume``
+        state of another problem (its interior points are of another shape).
     TypeError
         A batch is not a tensor; ``metric_of`` does not return a metric
         (:class:`~manifolds.PullbackMetric`).
@@ -303,9 +323,13 @@ def relax_minibatches(
         with torch.no_grad():
             return float(discrete_energy(held_out, torch.cat([a, interior, b])))
 
-    rule = _HeldOutRule(policy, held_out_energy(), interior, opt, base_lr)
-    steps = epochs = 0
-    for epoch in range(int(policy.epochs)):
+    if resume is None:
+        rule = _HeldOutRule(policy, held_out_energy(), interior, opt, base_lr)
+        steps = epochs = 0
+    else:
+        rule = _HeldOutRule(policy, math.nan, interior, opt, base_lr)
+        steps, epochs = _restore(resume, interior, opt, generator, rule)
+    for epoch in range(epochs, int(policy.epochs)):
         n = 0
         for x in _epoch(batches, policy.batch_size, generator):
             if policy.transform is not None:
@@ -325,6 +349,8 @@ def relax_minibatches(
         epochs = epoch + 1
         if rule.status != Status.MAX_ITERATIONS:
             break
+        if on_epoch is not None:
+            on_epoch(_state(epochs, steps, interior, opt, generator, rule))
     status, message, residual = rule.status, rule.message, rule.residual
     best_points, history = rule.best_points, rule.history
 
@@ -360,6 +386,51 @@ def relax_minibatches(
         },
     )
     return path.raise_if_failed() if strict else path
+
+
+def _state(epochs: int, steps: int, interior, opt, generator, rule) -> dict:
+    """What ``on_epoch`` receives: everything the rest of the run depends on."""
+    return {
+        "epoch": epochs,
+        "steps": steps,
+        "interior": interior.detach().clone(),
+        "adam": copy.deepcopy(opt.state_dict()),  # Adam updates its own in place
+        "generator": generator.get_state(),
+        "rule": {
+            "history": list(rule.history),
+            "best": rule.best,
+            "best_points": rule.best_points.clone(),
+            "since": rule.since,
+            "residual": rule.residual,
+        },
+    }
+
+
+def _restore(state: dict, interior, opt, generator, rule) -> tuple[int, int]:
+    """Load a state of :func:`_state` into the run; ``(steps, epochs)`` done."""
+    try:
+        saved, saved_rule = state["interior"], state["rule"]
+        steps, epochs = int(state["steps"]), int(state["epoch"])
+        adam, generator_state = state["adam"], state["generator"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"resume is not a state that on_epoch was given (missing {err})") from None
+    if tuple(saved.shape) != tuple(interior.shape):
+        raise ValueError(
+            f"resume holds interior points of shape {tuple(saved.shape)}, this run has "
+            f"{tuple(interior.shape)}: a state of another problem"
+        )
+    with torch.no_grad():
+        interior.copy_(saved)
+    opt.load_state_dict(adam)
+    for per_param in opt.state.values():  # Adam keeps its step counts on the CPU
+        if isinstance(per_param.get("step"), torch.Tensor):
+            per_param["step"] = per_param["step"].cpu()
+    generator.set_state(generator_state.cpu())
+    rule.history = [float(e) for e in saved_rule["history"]]
+    rule.best = float(saved_rule["best"])
+    rule.best_points = saved_rule["best_points"].to(interior)
+    rule.since, rule.residual = int(saved_rule["since"]), float(saved_rule["residual"])
+    return steps, epochs
 
 
 class _HeldOutRule:

@@ -121,7 +121,11 @@ def shoot(
         Newton iterations.
     jacobian : {"auto", "dense", "krylov"}
         How :math:`DR` is obtained (see the module notes). ``"auto"``: ``"dense"``
-        when there are at most 256 unknowns :math:`n(2S - 1)`, else ``"krylov"``.
+        when there are at most 256 unknowns :math:`n(2S - 1)`, else ``"krylov"``; always
+        ``"krylov"`` for a metric whose task data is split over a process group
+        (:mod:`manifolds.data_parallel`), which ``"dense"`` refuses (``ValueError``): its
+        flows use the metric's CG route, every reduction all-reduced, and every rank
+        computes the Newton iterates of one process on the union of the shards (to rounding).
     krylov_maxiter : int
         GMRES iterations per Newton step (``"krylov"``), each one flow.
     line_search : bool
@@ -166,7 +170,10 @@ def shoot(
     _check_options(steps, segments, maxiter, init, jacobian)
     if jacobian == "auto":
         unknowns = w0.numel() * (2 * segments - 1)
-        jacobian = "dense" if unknowns <= _DENSE_MAX_UNKNOWNS else "krylov"
+        small = unknowns <= _DENSE_MAX_UNKNOWNS
+        # the dense route needs the whole output Jacobian in one process
+        split = getattr(metric, "data_parallel", None) is not None
+        jacobian = "dense" if small and not split else "krylov"
     tol = default_tol(w0, w1) if tol is None else float(tol)
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")

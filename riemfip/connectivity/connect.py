@@ -116,7 +116,8 @@ def connect(
         Extra keyword arguments for :class:`~manifolds.PullbackMetric` (``solver``, ``tol``,
         ``maxiter``, ``on_failure``).
     **solver_options
-        Passed to the solver (``maxiter``, ``tol``, ``init``, ``strict``, ``verbose``, ...).
+        Passed to the solver (``maxiter``, ``tol``, ``init``, ``strict``, ``verbose``, ...;
+        for the minibatch route ``init``, ``resume``, ``on_epoch``, ``strict``, ``verbose``).
 
     Returns
     -------
@@ -210,7 +211,9 @@ def _minibatch_geodesic(model, w_a, w_b, data, held_out, policy, n_points, optio
         return metric
 
     ho = None if held_out is None else connection_metric(model, held_out, **options)
-    path = relax_minibatches(metric_of, w_a, w_b, data, int(n_points), policy=policy, held_out=ho)
+    path = relax_minibatches(
+        metric_of, w_a, w_b, data, int(n_points), policy=policy, held_out=ho, **solver
+    )
     path.metadata["samples"] = _count(data)
     return path
 
