@@ -96,11 +96,11 @@ def as_path(path: object, dim: int | None = None) -> tuple[torch.Tensor, torch.T
     if t is None:
         t = torch.linspace(0, 1, points.shape[0], dtype=torch.float64, device="cpu")
     t = (
-        torch.as_tensor(t, device=t.device if isinstance(t, torch.Tensor) else "cpu")
-        .detach()
-        .to("cpu", torch.float64)
-        .reshape(-1)
+        t.detach()
+        if isinstance(t, torch.Tensor)
+        else torch.tensor(t, dtype=torch.float64, device="cpu")
     )
+    t = t.to("cpu", torch.float64).reshape(-1)
     if t.numel() != points.shape[0]:
         raise ValueError(f"path has {points.shape[0]} points but {t.numel()} times")
     if not bool((t.diff() > 0).all()):
