@@ -101,6 +101,15 @@ def test_the_epoch_cap_gives_max_iterations_with_its_message(problem):
         path.raise_if_failed()
 
 
+def test_a_run_shorter_than_one_check_still_judges_its_last_points(problem):
+    a, b, x = problem
+    policy = Minibatch(epochs=2, batch_size=16, check_every=25)  # 6 steps, no check on the way
+    path = connect(a, b, x, n_points=4, damping=DAMPING, method=policy)
+    start, last = path.metadata["held_out_energies"]
+    assert last < start  # six Adam steps lowered it, so the moved points come back
+    assert path.metadata["objective"] < path.metadata["objective_line"]
+
+
 def test_a_step_size_that_only_hurts_is_a_breakdown_not_convergence(problem):
     a, b, x = problem
     policy = Minibatch(epochs=200, lr=50.0, check_every=1, patience=2, rtol=0.5, final_lr=0.1)

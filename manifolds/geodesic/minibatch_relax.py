@@ -351,6 +351,8 @@ def relax_minibatches(
             break
         if on_epoch is not None:
             on_epoch(_state(epochs, steps, interior, opt, generator, rule))
+    if rule.status == Status.MAX_ITERATIONS and steps % int(policy.check_every) != 0:
+        rule.check(held_out_energy(), interior)  # the last steps count too (a short run)
     status, message, residual = rule.status, rule.message, rule.residual
     best_points, history = rule.best_points, rule.history
 
