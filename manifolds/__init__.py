@@ -28,6 +28,7 @@ from .gram import OutputGram
 from .jacobian import AutogradJacobian, JacobianOperator
 from .kronecker_metric import KroneckerMetric
 from .output_metrics import Bhattacharyya, Euclidean, OutputMetric, SoftmaxFisher, get_output_metric
+from .precision import MixedPrecision
 from .pullback import PullbackMetric
 from .spectrum import Spectrum, lanczos
 from .status import Status
@@ -44,6 +45,7 @@ __all__ = [
     "GeodesicPath",
     "JacobianOperator",
     "KroneckerMetric",
+    "MixedPrecision",
     "NonFiniteError",
     "NotConvergedError",
     "OutputGram",

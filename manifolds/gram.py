@@ -42,15 +42,21 @@ class OutputGram:
         :math:`J` at the point.
     damping : float
         :math:`\lambda \ge 0`.
+    solve_dtype : torch.dtype, optional
+        Factor :math:`K + \lambda I` in this dtype (e.g. float64 for float32 weights; see
+        :mod:`manifolds.precision`); answers come back in :math:`J`'s dtype. Default: that dtype.
 
     Notes
     -----
     Vectors may be single (1-D) or stacked as rows (2-D) throughout.
     """
 
-    def __init__(self, jacobian: JacobianOperator, damping: float):
+    def __init__(
+        self, jacobian: JacobianOperator, damping: float, solve_dtype: torch.dtype | None = None
+    ):
         self.jacobian = jacobian
         self.damping = float(damping)
+        self.solve_dtype = solve_dtype
         self._matrix: torch.Tensor | None = None
         self._cholesky: torch.Tensor | None = None
         self._eigh: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -75,8 +81,11 @@ class OutputGram:
     def eigenpairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues of :math:`K` in descending order (clamped at 0) and eigenvectors (columns)."""
         if self._eigh is None:
-            evals, evecs = torch.linalg.eigh(self.matrix)
-            self._eigh = evals.flip(0).clamp_min(0), evecs.flip(1)
+            k = self.matrix
+            evals, evecs = torch.linalg.eigh(
+                k if self.solve_dtype is None else k.to(self.solve_dtype)
+            )
+            self._eigh = evals.flip(0).clamp_min(0).to(k.dtype), evecs.flip(1).to(k.dtype)
         return self._eigh
 
     def _damped_inverse(self, power: int) -> torch.Tensor:
@@ -96,15 +105,14 @@ class OutputGram:
     def solve(self, r: torch.Tensor) -> torch.Tensor:
         r""":math:`(K + \lambda I)^{-1} r` (Cholesky), or :math:`K^+ r` when :math:`\lambda = 0`."""
         if self.damping > 0 and self._cholesky is None and self._eigh is None:
-            shifted = self.matrix + self.damping * torch.eye(
-                self.size, dtype=self.matrix.dtype, device=self.matrix.device
-            )
+            k = self.matrix if self.solve_dtype is None else self.matrix.to(self.solve_dtype)
+            shifted = k + self.damping * torch.eye(self.size, dtype=k.dtype, device=k.device)
             chol, info = torch.linalg.cholesky_ex(shifted)
             if int(info) == 0:
                 self._cholesky = chol
         if self._cholesky is not None:
-            rows = r.reshape(-1, self.size).T
-            return torch.cholesky_solve(rows, self._cholesky).T.reshape(r.shape)
+            rows = r.reshape(-1, self.size).T.to(self._cholesky.dtype)
+            return torch.cholesky_solve(rows, self._cholesky).T.reshape(r.shape).to(r.dtype)
         return self._spectral(r, 1)
 
     def least_squares_step(self, r: torch.Tensor) -> torch.Tensor:

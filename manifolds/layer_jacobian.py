@@ -304,9 +304,10 @@ def layer_jacobian(
         return None
     embedded, deltas = _output_gradients(recorder.calls, outputs, metric)
     factors = []
+    dtype = embedded.dtype  # layers run in a lower precision (autocast): factors in this one
     for i, (slot, calls) in enumerate(zip(plan.layers, recorder.calls, strict=True)):
-        inputs = torch.cat([x for x, _, _ in calls])
-        built = slot.build(slot.module, slot.offsets, inputs, deltas[i])
+        inputs = torch.cat([x for x, _, _ in calls]).to(dtype)
+        built = slot.build(slot.module, slot.offsets, inputs, deltas[i].to(dtype))
         if built is None:
             return None
         factors.extend(built)
@@ -316,14 +317,26 @@ def layer_jacobian(
 
 
 def module_jacobian(
-    flat: FlatModule, batches: list[torch.Tensor], w: torch.Tensor, metric: OutputMetric
+    flat: FlatModule,
+    batches: list[torch.Tensor],
+    w: torch.Tensor,
+    metric: OutputMetric,
+    precision=None,
 ) -> FactoredJacobian | None:
     r"""The factored :math:`J` of ``flat``'s outputs on ``batches`` (eval mode) at flat
-    weights ``w``, or ``None`` where the network has no factored route."""
+    weights ``w``, or ``None`` where the network has no factored route. With a
+    :class:`~manifolds.precision.MixedPrecision`, the passes run in its ``products`` dtype
+    and the factors are kept in the weights' dtype."""
     plan = factored_layers(flat.module, flat.names)
     if plan is None:
         return None
     wp = w.detach().requires_grad_(True)
-    return layer_jacobian(
-        plan, lambda: [flat(wp, x, train=False) for x in batches], metric, flat.dim
-    )
+
+    def forward() -> list[torch.Tensor]:
+        if precision is None:
+            return [flat(wp, x, train=False) for x in batches]
+        with precision.autocast(w.device):
+            outs = [flat(wp, x, train=False) for x in batches]
+        return [y.to(w.dtype) for y in outs]
+
+    return layer_jacobian(plan, forward, metric, flat.dim)

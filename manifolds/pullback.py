@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.func import jacfwd, jacrev, jvp
+from torch.func import jacfwd, jacrev, jvp, vjp
 
 from . import pullback_solves as solves
 from .conjugate_gradient import SolveResult
@@ -49,6 +49,7 @@ from .gram import OutputGram
 from .jacobian import JacobianOperator, jacobian_at
 from .layer_jacobian import module_jacobian
 from .output_metrics import OutputMetric, get_output_metric
+from .precision import MixedPrecision
 from .spectrum import Spectrum, lanczos
 from .task_data import ModuleOutputs, as_batches, check_module_takes
 from .validation import check_vector
@@ -150,6 +151,10 @@ class PullbackMetric:
         #: The process group the task data is split over (:mod:`manifolds.data_parallel`),
         #: or ``None``: set by :meth:`from_module` with a ``process_group``.
         self.data_parallel: DataParallel | None = None
+        #: The :class:`~manifolds.precision.MixedPrecision` of the network passes and the
+        #: output-space solves, or ``None`` (everything in the weights' dtype): set by
+        #: :meth:`from_module` with a ``precision``.
+        self.precision: MixedPrecision | None = None
 
     @classmethod
     def from_module(
@@ -162,6 +167,7 @@ class PullbackMetric:
         damping: float = 0.0,
         check_inputs: bool = True,
         process_group=None,
+        precision: MixedPrecision | None = None,
         **options,
     ) -> PullbackMetric:
         r"""The pullback metric of a network's outputs on ``inputs``.
@@ -194,6 +200,13 @@ class PullbackMetric:
             and accelerations run CG on the all-reduced :meth:`matvec` (``solver="auto"``
             picks it; ``"dense"`` and ``"output"`` raise ``ValueError``, since they need the
             Jacobian rows of all ranks in one place), and :meth:`spectrum` runs Lanczos on it.
+        precision : MixedPrecision, optional
+            Mixed precision (:mod:`manifolds.precision`): the network passes under
+            :func:`torch.autocast` in ``precision.products`` (e.g. bfloat16), the
+            output-space Gram matrices factored and solved in ``precision.solves`` (e.g.
+            float64), every returned vector in the weights' dtype (float32 or float64). The
+            solve tolerance then defaults to ``precision.tolerance``, the residual such
+            products can show. Default: everything in the weights' dtype.
 
         Notes
         -----
@@ -205,6 +218,14 @@ class PullbackMetric:
         """
         flat = module if isinstance(module, FlatModule) else FlatModule(module, params)
         batches = as_batches(inputs)
+        if precision is not None:
+            if not isinstance(precision, MixedPrecision):
+                raise TypeError(
+                    f"precision must be a MixedPrecision, got {type(precision).__name__}"
+                )
+            precision.check_weights(flat.flatten().dtype)
+            if options.get("tol") is None:
+                options["tol"] = precision.tolerance
         # the collective check first: a shard that fails it fails on every rank at once
         data_parallel = (
             None if process_group is None else DataParallel.over(process_group, batches, flat.dim)
@@ -212,7 +233,7 @@ class PullbackMetric:
         if check_inputs:
             check_module_takes(flat, batches)
         metric = cls(
-            ModuleOutputs(flat, batches),
+            ModuleOutputs(flat, batches, precision),
             output_metric=output_metric,
             damping=damping,
             dim=flat.dim,
@@ -221,6 +242,7 @@ class PullbackMetric:
         metric.module = flat
         metric.inputs = batches
         metric.data_parallel = data_parallel
+        metric.precision = precision
         return metric
 
     def __repr__(self) -> str:
@@ -309,19 +331,30 @@ class PullbackMetric:
         it (or the metric was not built from a module)."""
         if self.module is None:
             return None
-        return module_jacobian(self.module, self.inputs, w, self.output_metric)
+        return module_jacobian(self.module, self.inputs, w, self.output_metric, self.precision)
 
     def output_gram(self, w: torch.Tensor) -> OutputGram:
         r""":math:`K = JJ^\top` at ``w`` with this metric's :math:`\lambda`, factored on first use
         (:class:`~manifolds.gram.OutputGram`): output-space solves, Gauss–Newton steps, spectra."""
-        return OutputGram(self.jacobian_operator(self.check_point(w)), self.damping)
+        return self.gram_of(self.jacobian_operator(self.check_point(w)))
+
+    def gram_of(self, jacobian: JacobianOperator) -> OutputGram:
+        r"""The output-space Gram of a Jacobian of this metric, with its :math:`\lambda`, factored
+        in the solve dtype of its :attr:`precision`."""
+        solves = None if self.precision is None else self.precision.solves
+        return OutputGram(jacobian, self.damping, solves)
 
     # ------------------------------------------------------------ products
     def _matvec(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         r""":math:`J^\top J v + \lambda v` for a checked point and tangent
         (:func:`~manifolds.forward_ad.gram_vector_product`: one dual forward pass, one
         backward pass)."""
-        gv = gram_vector_product(self.embed, w, v)
+        if self.precision is not None and self.precision.products is not None:
+            # torch.autograd.forward_ad does not apply autocast's casts to both operands of
+            # a product; torch.func does, at one more forward pass
+            gv = vjp(self.embed, w)[1](self._jvp(w, v))[0]
+        else:
+            gv = gram_vector_product(self.embed, w, v)
         if self.data_parallel is not None:  # sum_r J_r^T J_r v
             gv = self.data_parallel.all_reduce_sum(gv)
         if not self.damping:

@@ -21,7 +21,6 @@ from .conjugate_gradient import (
     solve_tolerance,
     status_of,
 )
-from .gram import OutputGram
 from .jacobian import AutogradJacobian
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ def solve(metric: PullbackMetric, w, b, x0, method, tol, maxiter) -> SolveResult
         elif method == "dense":
             res = _direct_result(metric, _dense_solve(metric.dense(w), b), w, b, tol, method)
         else:
-            x = OutputGram(metric.jacobian_operator(w), metric.damping).weight_solve(b)
+            x = metric.gram_of(metric.jacobian_operator(w)).weight_solve(b)
             res = _direct_result(metric, x, w, b, tol, method)
     report_failure(res, metric.on_failure)
     return res
@@ -98,7 +97,7 @@ def acceleration(
         if method == "dense":
             a = metric.dense_acceleration(w, v)
         else:  # -J^T (K + l I)^{-1} h: no weight-space solve at all
-            a = -OutputGram(jac, metric.damping).least_squares_step(h)
+            a = -metric.gram_of(jac).least_squares_step(h)
         res = _direct_result(metric, a, w, rhs, tol, method)
     report_failure(res, metric.on_failure)
     return res

@@ -66,12 +66,20 @@ class ModuleOutputs:
     (for multi-process use) whenever the module does.
     """
 
-    def __init__(self, flat: FlatModule, batches: list[torch.Tensor]):
+    def __init__(self, flat: FlatModule, batches: list[torch.Tensor], precision=None):
         self.flat = flat
         self.batches = batches
+        #: A :class:`~manifolds.precision.MixedPrecision` whose ``products`` the passes run
+        #: in (outputs cast back to the weights' dtype), or ``None``.
+        self.precision = precision
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        outs = [self.flat(w, x, train=False) for x in self.batches]
+        if self.precision is None:
+            outs = [self.flat(w, x, train=False) for x in self.batches]
+        else:
+            with self.precision.autocast(w.device):
+                outs = [self.flat(w, x, train=False) for x in self.batches]
+            outs = [y.to(w.dtype) for y in outs]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
