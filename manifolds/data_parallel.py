@@ -148,6 +148,21 @@ class DataParallel:
         _dist().all_reduce(t, group=self.group)
         return t
 
+    def in_step(self, has_batch: bool, device: torch.device) -> bool:
+        """Whether every rank has a next batch (``True``) or none has (``False``), agreed by
+        one all-reduce of one number; raises ``ValueError`` on every rank when some have one
+        and others not (ranks whose data gives different numbers of batches would otherwise
+        wait on each other's collectives forever)."""
+        count = torch.tensor([float(has_batch)], dtype=torch.float64, device=device)
+        have, world = int(self.all_reduce_sum(count).item()), self.world_size
+        if 0 < have < world:
+            raise ValueError(
+                f"{have} of the {world} ranks have another batch and the others have none: "
+                "every rank's data must give the same number of batches per pass (e.g. "
+                "equal shards and the same batch size, or a DistributedSampler)"
+            )
+        return have == world
+
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         r""":math:`R^{-1}\sum_r t_r` on every rank, a new tensor (``t`` is left as it is),
         outside autograd: the average over ranks of, e.g., a gradient, as

@@ -233,6 +233,9 @@ def run_rank(rank: int) -> dict[str, object]:
     out["error_shapes"] = _error(lambda: PullbackMetric.from_module(net, odd, process_group=group))
     other = net if rank == 0 else make_mlp((5, 3, 3), seed=3)
     out["error_dims"] = _error(lambda: PullbackMetric.from_module(other, x, process_group=group))
+    batches, held = minibatch_batches(rank)
+    uneven = batches[:2] if rank == 0 else batches  # rank 0 runs out of batches first
+    out["error_batch_counts"] = _error(lambda: minibatch_path(uneven, held, group))
     return out
 
 

@@ -253,6 +253,8 @@ def test_errors_that_need_a_group(ranks):
         assert kind == "ValueError" and "[(5,), (1, 5)]" in message
         kind, message = r["error_dims"]
         assert kind == "ValueError" and "[39, 30]" in message
+        kind, message = r["error_batch_counts"]  # both ranks raise; neither waits forever
+        assert kind == "ValueError" and "1 of the 2 ranks have another batch" in message
 
 
 def test_process_group_without_torch_distributed():

@@ -35,7 +35,9 @@ Data parallelism: with metrics built on a process group (:mod:`manifolds.data_pa
 every minibatch energy is already the energy of the union of the ranks' batches, with the
 same value and gradient on every rank, so the Adam steps, the stopping decisions and the
 returned path are identical on every rank. Every rank must then see the same number of
-batches per epoch.
+batches per epoch: before each batch the ranks agree that all of them have one (one
+all-reduce of one number), so ranks whose data runs out at different steps raise
+``ValueError`` together instead of waiting on each other's collectives.
 
 Checkpoints: ``on_epoch`` receives, after every epoch the run goes on from, everything that
 decides the rest of the run (the interior points, Adam's state and step size, the shuffling
@@ -133,6 +135,21 @@ def _inputs(item, i: int) -> torch.Tensor:
     return x
 
 
+def _lockstep(batches: Iterable, data_parallel, device: torch.device):
+    """``batches`` as they come; with a process group, each one only once every rank has
+    one (:meth:`~manifolds.data_parallel.DataParallel.in_step`), so that the ranks end a pass
+    together or all raise."""
+    if data_parallel is None:
+        yield from batches
+        return
+    it = iter(batches)
+    while True:
+        x = next(it, None)
+        if not data_parallel.in_step(x is not None, device):
+            return
+        yield x
+
+
 def _epoch(batches, batch_size: int, generator: torch.Generator | None):
     """One pass: slices of a tensor (shuffled by ``generator`` unless it is ``None``), or
     the iterable's own batches."""
@@ -171,6 +188,7 @@ def full_data_energy(
     *,
     midpoint: bool = False,
     batch_size: int = 1024,
+    data_parallel=None,
 ) -> tuple[float, torch.Tensor | None]:
     r"""The discrete energy :math:`E = \sum_i \frac{N_i}{N} E_i` of ``points`` (uniform times
     on [0, 1]) over all ``batches``, one batch's metric at a time.
@@ -189,6 +207,10 @@ def full_data_energy(
         = \|p_{k+1} - p_k\|_{g(\bar p_k)}`.
     batch_size : int
         Slice size for a tensor ``batches``.
+    data_parallel : DataParallel, optional
+        With metrics on a process group, its :class:`~manifolds.data_parallel.DataParallel`:
+        the ranks then step through their batches in lock step and raise ``ValueError``
+        together when their numbers of batches differ.
 
     Returns
     -------
@@ -204,7 +226,7 @@ def full_data_energy(
     total, damping = 0, None
     segments, mids = points.diff(dim=0), 0.5 * (points[1:] + points[:-1])
     with torch.no_grad():
-        for x in _epoch(batches, batch_size, None):
+        for x in _lockstep(_epoch(batches, batch_size, None), data_parallel, points.device):
             metric = metric_of(x)
             damping = metric.damping
             n_i = _samples(metric, x)
@@ -311,6 +333,7 @@ def relax_minibatches(
     if held_out is None:
         held_out = metric_of(first)
     w0, w1 = check_endpoints(held_out, w0, w1)
+    data_parallel = getattr(held_out, "data_parallel", None)
     t = torch.linspace(0.0, 1.0, K, dtype=w0.dtype, device=w0.device)
     line = w0 + t[:, None] * (w1 - w0)
     x0 = line if init is None else _starting_points(init, w0, w1, t)
@@ -331,7 +354,7 @@ def relax_minibatches(
         steps, epochs = _restore(resume, interior, opt, generator, rule)
     for epoch in range(epochs, int(policy.epochs)):
         n = 0
-        for x in _epoch(batches, policy.batch_size, generator):
+        for x in _lockstep(_epoch(batches, policy.batch_size, generator), data_parallel, w0.device):
             if policy.transform is not None:
                 x = policy.transform(x, generator)
             with torch.enable_grad():
@@ -359,9 +382,16 @@ def relax_minibatches(
     with torch.no_grad():
         points = torch.cat([a, best_points, b])
         objective, speeds = full_data_energy(
-            metric_of, batches, points, midpoint=True, batch_size=policy.batch_size
+            metric_of,
+            batches,
+            points,
+            midpoint=True,
+            batch_size=policy.batch_size,
+            data_parallel=data_parallel,
         )
-        line_energy, _ = full_data_energy(metric_of, batches, line, batch_size=policy.batch_size)
+        line_energy, _ = full_data_energy(
+            metric_of, batches, line, batch_size=policy.batch_size, data_parallel=data_parallel
+        )
         length = float(speeds.sum())
         spread = float((speeds.max() - speeds.min()) / speeds.mean()) if length > 0 else 0.0
     path = GeodesicPath(
