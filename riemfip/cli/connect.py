@@ -212,16 +212,7 @@ def _geodesic(folder: RunFolder, net_a, net_b, anchor, o: PathOptions) -> Geodes
         done = saved.step
 
     def relaxed(maxiter: int, init: GeodesicPath | None) -> GeodesicPath:
-        return connect(
-            net_a,
-            net_b,
-            anchor,
-            output_metric=o.metric,
-            damping=o.damping,
-            n_points=o.points,
-            maxiter=maxiter,
-            init=init,
-        )
+        return connect(net_a, net_b, anchor, **_geometry(o), maxiter=maxiter, init=init)
 
     with folder.progress.bar(o.maxiter, "geodesic (L-BFGS)", initial=done) as bar:
         while done < o.maxiter and not (path is not None and path.converged):
@@ -237,6 +228,11 @@ def _geodesic(folder: RunFolder, net_a, net_b, anchor, o: PathOptions) -> Geodes
         path = relaxed(0, None)
     path.metadata["total_iterations"] = done
     return path
+
+
+def _geometry(o: PathOptions) -> dict:
+    """The metric and the path's resolution, as :func:`riemfip.connect` takes them."""
+    return {"output_metric": o.metric, "damping": o.damping, "n_points": o.points}
 
 
 def _minibatch_geodesic(
@@ -268,9 +264,7 @@ def _minibatch_geodesic(
             net_a,
             net_b,
             train,
-            output_metric=o.metric,
-            damping=o.damping,
-            n_points=o.points,
+            **_geometry(o),
             method=policy,
             held_out=held,
             resume=resume,
