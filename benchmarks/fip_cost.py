@@ -12,6 +12,12 @@ The optimizers, each built from its public constructor only:
 ``fip-sketch``
     The same with ``anchors=AnchorSampling(outputs=2)``: two random output directions per
     anchor per step instead of all of them (the cheap setting).
+``fip-kfac``
+    The same with ``curvature=Kronecker()``: the Kronecker-factored anchor metric of a step's
+    anchors, refreshed every 10 steps (:mod:`riemfip.optim.kronecker_direction`).
+``fip-kfac-lazy``
+    ``curvature=Kronecker(pull_every_step=False)``: the anchors' outputs pulled back only on
+    refresh steps and by the all-anchor pull-back (no pass over the anchors in between).
 ``gpm``
     :class:`riemfip.applications.gpm.ProjectedSGD` with ``lr=0.05`` over the bases that
     :class:`~riemfip.applications.gpm.BasisMemory` builds from the same stored inputs
@@ -90,7 +96,13 @@ MODEL_LABELS = {
     "vgg16": "VGG16-CIFAR, 3x32x32",
     "resnet18": "ResNet-18, 3x32x32",
 }
-METHOD_LABELS = {"fip": "FIP (defaults)", "fip-sketch": "FIP (outputs=2)", "gpm": "GPM"}
+METHOD_LABELS = {
+    "fip": "FIP (defaults)",
+    "fip-sketch": "FIP (outputs=2)",
+    "fip-kfac": "FIP (Kronecker)",
+    "fip-kfac-lazy": "FIP (Kronecker, lazy pull-back)",
+    "gpm": "GPM",
+}
 LR = 0.05
 NUM_CLASSES = 10
 
@@ -144,10 +156,15 @@ def build_optimizer(method: str, net, x_old):
 
     if method == "sgd":
         return torch.optim.SGD(net.parameters(), lr=LR)
-    if method in ("fip", "fip-sketch"):
-        from riemfip.optim import FIP, AnchorSampling
+    if method in ("fip", "fip-sketch", "fip-kfac", "fip-kfac-lazy"):
+        from riemfip.optim import FIP, AnchorSampling, Kronecker
 
-        options = {"anchors": AnchorSampling(outputs=2)} if method == "fip-sketch" else {}
+        options = {
+            "fip": {},
+            "fip-sketch": {"anchors": AnchorSampling(outputs=2)},
+            "fip-kfac": {"curvature": Kronecker()},
+            "fip-kfac-lazy": {"curvature": Kronecker(pull_every_step=False)},
+        }[method]
         return FIP(net.parameters(), model=net, anchor_inputs=x_old, **options)
     if method == "gpm":
         from riemfip.applications.gpm import GPM, BasisMemory, ProjectedSGD
@@ -422,7 +439,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="mlp,lenet5,vgg11,resnet18", help="also vgg16")
     parser.add_argument("--batches", default="64,128,256")
-    parser.add_argument("--methods", default="fip", help="comma list of fip, fip-sketch, gpm")
+    parser.add_argument(
+        "--methods", default="fip", help="comma list of " + ", ".join(METHOD_LABELS)
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed repeats per row (10)")
     parser.add_argument("--max-seconds", type=int, default=120, help="CPU seconds per row (120)")
     parser.add_argument("--anchors-per-class", type=int, default=50)

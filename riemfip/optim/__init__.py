@@ -11,6 +11,7 @@ from .anchor import Anchor, AnchorDrift
 from .anchor_transforms import GaussianNoise, NeighbourNoise, RandomShift, ScaledNoise
 from .anchored import PathOptimizer, PathStepInfo
 from .fip import FIP
+from .kronecker_direction import Kronecker
 from .modes import MODES, path_optimizer
 from .penalty import FIPPenalty
 from .policies import AnchorSampling, DriftGuard, PullBack
@@ -23,6 +24,7 @@ __all__ = [
     "DriftGuard",
     "FIPPenalty",
     "GaussianNoise",
+    "Kronecker",
     "MODES",
     "NeighbourNoise",
     "PathOptimizer",

@@ -71,6 +71,7 @@ from manifolds.jacobian import AutogradJacobian
 from manifolds.output_metrics import OutputMetric
 
 from .anchored import PathOptimizer
+from .kronecker_direction import Kronecker, anchors_needed, kronecker_step
 from .policies import AnchorSampling, DriftGuard, PullBack, check_number
 
 __all__ = ["FIP"]
@@ -114,6 +115,11 @@ class FIP(PathOptimizer):
         Strength of the pull-back toward the frozen outputs (full by default).
     guard : DriftGuard, optional
         Drift budget (none by default; drift is measured every step regardless).
+    curvature : Kronecker, optional
+        The anchor metric of the direction: ``None`` (default) the exact one of each step's
+        anchors; :class:`~riemfip.optim.Kronecker` its Kronecker-factored approximation,
+        refreshed every few steps (:mod:`riemfip.optim.kronecker_direction`). Not with
+        manifold parameters or a process group.
     process_group : torch.distributed.ProcessGroup, optional
         Data parallelism: every rank runs the same loop on its own batch of the new task
         and :meth:`step` averages the gradients over the ranks (as
@@ -160,8 +166,16 @@ class FIP(PathOptimizer):
         anchors: AnchorSampling | None = None,
         pullback: PullBack | None = None,
         guard: DriftGuard | None = None,
+        curvature: Kronecker | None = None,
         process_group=None,
     ):
+        if curvature is not None and not isinstance(curvature, Kronecker):
+            raise TypeError(
+                f"curvature must be a Kronecker or None, got {type(curvature).__name__}"
+            )
+        if curvature is not None and (model is None or process_group is not None):
+            raise ValueError("curvature=Kronecker needs model and anchor_inputs, one process")
+        self.curvature = curvature
         defaults = dict(
             lr=check_number("lr", lr, low=0, low_open=True),
             damping=check_number("damping", damping, low=0, low_open=True),
@@ -222,6 +236,13 @@ class FIP(PathOptimizer):
         gram = self.manifold(group).metric.output_gram(w)
         return gram.damped_projection(grad)
 
+    def _step_anchors(self, group):
+        if self.curvature is not None and not anchors_needed(
+            self.curvature, self.state[group.key], self.pullback
+        ):
+            return None, None  # a Kronecker step between refreshes without a pull-back
+        return super()._step_anchors(group)
+
     def _direction(self, gi, param_group, state, w, grad, x, y0):
         lr, lam = param_group["lr"], state["damping"]
         if param_group["momentum"] > 0:
@@ -229,6 +250,8 @@ class FIP(PathOptimizer):
             buf = grad.clone() if buf is None else buf.mul(param_group["momentum"]).add_(grad)
             state["momentum_buffer"] = buf
             grad = buf
+        if self.curvature is not None:
+            return kronecker_step(self, gi, param_group, state, w, grad, x, y0)
         seen = self.step_output_metric(x, y0)
         gram = self.step_metric(gi, x, lam, seen).output_gram(w)
         jac = gram.jacobian
