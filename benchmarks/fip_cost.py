@@ -12,12 +12,11 @@ The optimizers, each built from its public constructor only:
 ``fip-sketch``
     The same with ``anchors=AnchorSampling(outputs=2)``: two random output directions per
     anchor per step instead of all of them (the cheap setting).
-``fip-kfac``
-    The same with ``curvature=Kronecker()``: the Kronecker-factored anchor metric of a step's
-    anchors, refreshed every 10 steps (:mod:`riemfip.optim.kronecker_direction`).
-``fip-kfac-lazy``
-    ``curvature=Kronecker(pull_every_step=False)``: the anchors' outputs pulled back only on
-    refresh steps and by the all-anchor pull-back (no pass over the anchors in between).
+``fip-kfac``, ``fip-kfac-lazy``, ``fip-kfac-r5``, ``fip-kfac-lazy-r5``, ...
+    The same with ``curvature=Kronecker(...)``: the Kronecker-factored anchor metric of a
+    step's anchors, refreshed every 10 steps (``-rN``: every N) with the per-step
+    pull-back (``-lazy``: ``pull_every_step=False``, the anchors' outputs pulled back only on
+    refresh steps and by the all-anchor pull-back); :mod:`riemfip.optim.kronecker_direction`.
 ``gpm``
     :class:`riemfip.applications.gpm.ProjectedSGD` with ``lr=0.05`` over the bases that
     :class:`~riemfip.applications.gpm.BasisMemory` builds from the same stored inputs
@@ -96,13 +95,22 @@ MODEL_LABELS = {
     "vgg16": "VGG16-CIFAR, 3x32x32",
     "resnet18": "ResNet-18, 3x32x32",
 }
-METHOD_LABELS = {
-    "fip": "FIP (defaults)",
-    "fip-sketch": "FIP (outputs=2)",
-    "fip-kfac": "FIP (Kronecker)",
-    "fip-kfac-lazy": "FIP (Kronecker, lazy pull-back)",
-    "gpm": "GPM",
+METHOD_LABELS = {"fip": "FIP (defaults)", "fip-sketch": "FIP (outputs=2)", "gpm": "GPM"}
+METHOD_LABELS |= {
+    f"fip-kfac{lazy}{r}": f"FIP (Kronecker{', lazy' if lazy else ''}, refresh {r[2:] or 10})"
+    for lazy in ("", "-lazy")
+    for r in ("", "-r5", "-r20")
 }
+
+
+def kronecker_options(method: str) -> dict:
+    """``Kronecker`` keyword arguments of a ``fip-kfac[-lazy][-rN]`` method name."""
+    options = {"pull_every_step": "-lazy" not in method}
+    if "-r" in method:
+        options["refresh"] = int(method.rsplit("-r", 1)[1])
+    return options
+
+
 LR = 0.05
 NUM_CLASSES = 10
 
@@ -156,15 +164,12 @@ def build_optimizer(method: str, net, x_old):
 
     if method == "sgd":
         return torch.optim.SGD(net.parameters(), lr=LR)
-    if method in ("fip", "fip-sketch", "fip-kfac", "fip-kfac-lazy"):
+    if method in ("fip", "fip-sketch") or method.startswith("fip-kfac"):
         from riemfip.optim import FIP, AnchorSampling, Kronecker
 
-        options = {
-            "fip": {},
-            "fip-sketch": {"anchors": AnchorSampling(outputs=2)},
-            "fip-kfac": {"curvature": Kronecker()},
-            "fip-kfac-lazy": {"curvature": Kronecker(pull_every_step=False)},
-        }[method]
+        options = {"anchors": AnchorSampling(outputs=2)} if method == "fip-sketch" else {}
+        if method.startswith("fip-kfac"):
+            options = {"curvature": Kronecker(**kronecker_options(method))}
         return FIP(net.parameters(), model=net, anchor_inputs=x_old, **options)
     if method == "gpm":
         from riemfip.applications.gpm import GPM, BasisMemory, ProjectedSGD

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 import torch
 
 from manifolds.affine_factors import AffineFactor
-from manifolds.curvature_blocks import ExactBlock, KroneckerBlock, _eigh
+from manifolds.curvature_blocks import ExactBlock, KroneckerBlock
 from manifolds.kronecker_metric import KroneckerMetric
 from manifolds.layer_jacobian import FactoredJacobian, module_jacobian
 from manifolds.normalization_factors import NormalizationFactor
@@ -106,19 +106,36 @@ class Kronecker:
         object.__setattr__(self, "corrected", bool(self.corrected))
 
 
-def _thin_gram(rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Nonzero eigenpairs ``(s, U)`` of :math:`M = \text{scale}\,R^\top R` from the smaller
-    Gram matrix :math:`\text{scale}\,RR^\top = V\operatorname{diag}(s)V^\top`:
-    :math:`U = R^\top V\operatorname{diag}(s/\text{scale})^{-1/2}`, in float64 (as
-    :func:`~manifolds.curvature_blocks._eigh`), returned in ``rows``' dtype."""
-    wide = rows.to(torch.float64)
-    s, v = torch.linalg.eigh(scale * (wide @ wide.T))
-    # eigenvalues below the rows' rounding are noise, and 1/sqrt(s) would amplify their
-    # vectors: drop them (M vanishes there up to rounding)
+#: Factors up to this side are eigendecomposed in float64 (cheap); larger ones in their own
+#: dtype, falling back to float64 where single-precision LAPACK fails to converge.
+WIDE = 512
+
+
+def _symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of a symmetric positive semi-definite matrix, in its dtype (``float64`` for
+    sides up to :data:`WIDE`, or when LAPACK fails in single precision); values clamped at 0."""
+    sym = 0.5 * (matrix + matrix.T)
+    if len(sym) > WIDE:
+        try:
+            values, vectors = torch.linalg.eigh(sym)
+            return values.clamp_min(0), vectors
+        except torch.linalg.LinAlgError:
+            pass
+    values, vectors = torch.linalg.eigh(sym.to(torch.float64))
+    return values.clamp_min(0).to(matrix.dtype), vectors.to(matrix.dtype)
+
+
+def _pairs(rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Nonzero eigenpairs ``(s, U)`` of :math:`M = \text{scale}\,R^\top R`, from the smaller
+    of :math:`M` and the Gram matrix :math:`\text{scale}\,RR^\top = V\operatorname{diag}(s)V^\top`
+    (then :math:`U = R^\top V\operatorname{diag}(s/\text{scale})^{-1/2}`). Eigenvalues below
+    the rows' rounding are dropped: noise, whose vectors :math:`1/\sqrt{s}` would amplify
+    (:math:`M` vanishes there up to rounding)."""
+    thin = rows.shape[0] < rows.shape[1]
+    s, v = _symmetric_eigh(scale * (rows @ rows.T if thin else rows.T @ rows))
     keep = s > s.max().clamp_min(0) * 100 * torch.finfo(rows.dtype).eps
     s, v = s[keep], v[:, keep]
-    u = (wide.T @ v) / (s / scale).sqrt()
-    return s.to(rows.dtype), u.to(rows.dtype)
+    return s, (rows.T @ v) / (s / scale).sqrt() if thin else v
 
 
 class EigenKroneckerBlock(KroneckerBlock):
@@ -161,8 +178,7 @@ class EigenExactBlock(ExactBlock):
 
     def __init__(self, slots, rows: torch.Tensor):
         super().__init__(slots, None)
-        thin = rows.shape[0] < rows.shape[1]
-        self.s, self.u = _thin_gram(rows, 1.0) if thin else _eigh(rows.T @ rows)
+        self.s, self.u = _pairs(rows, 1.0)
 
     def matvec(self, v: torch.Tensor, out: torch.Tensor) -> None:
         self.slots.add_to(((self.slots.gather(v) @ self.u) * self.s) @ self.u.T, out)
@@ -184,8 +200,8 @@ def _affine_block(factor: AffineFactor, corrected: bool) -> EigenKroneckerBlock:
     e = factor.slots.cols
     deltas = factor.deltas.reshape(-1, d)
     patches = factor._inputs(0, n).reshape(-1, e)
-    s_a, u_a = _thin_gram(patches, 1.0 / n) if n * t < e else _eigh(patches.T @ patches / n)
-    s_g, u_g = _thin_gram(deltas, 1.0 / t) if len(deltas) < d else _eigh(deltas.T @ deltas / t)
+    s_a, u_a = _pairs(patches, 1.0 / n)
+    s_g, u_g = _pairs(deltas, 1.0 / t)
     if corrected:
         eigenvalues = _corrected_eigenvalues(factor, u_a, u_g)
     else:
