@@ -12,11 +12,12 @@ The optimizers, each built from its public constructor only:
 ``fip-sketch``
     The same with ``anchors=AnchorSampling(outputs=2)``: two random output directions per
     anchor per step instead of all of them (the cheap setting).
-``fip-kfac``, ``fip-kfac-lazy``, ``fip-kfac-r5``, ``fip-kfac-lazy-r5``, ...
+``fip-kfac``, ``fip-kfac-lazy``, ``fip-kfac-plain-r5``, ``fip-kfac-lazy-r20``, ...
     The same with ``curvature=Kronecker(...)``: the Kronecker-factored anchor metric of a
     step's anchors, refreshed every 10 steps (``-rN``: every N) with the per-step
     pull-back (``-lazy``: ``pull_every_step=False``, the anchors' outputs pulled back only on
-    refresh steps and by the all-anchor pull-back); :mod:`riemfip.optim.kronecker_direction`.
+    refresh steps and by the all-anchor pull-back), EKFAC eigenvalues (``-plain``: KFAC's,
+    ``corrected=False``); :mod:`riemfip.optim.kronecker_direction`.
 ``gpm``
     :class:`riemfip.applications.gpm.ProjectedSGD` with ``lr=0.05`` over the bases that
     :class:`~riemfip.applications.gpm.BasisMemory` builds from the same stored inputs
@@ -97,15 +98,21 @@ MODEL_LABELS = {
 }
 METHOD_LABELS = {"fip": "FIP (defaults)", "fip-sketch": "FIP (outputs=2)", "gpm": "GPM"}
 METHOD_LABELS |= {
-    f"fip-kfac{lazy}{r}": f"FIP (Kronecker{', lazy' if lazy else ''}, refresh {r[2:] or 10})"
+    f"fip-kfac{plain}{lazy}{r}": (
+        f"FIP (Kronecker{', plain' if plain else ''}{', lazy' if lazy else ''}, "
+        f"refresh {r[2:] or 10})"
+    )
+    for plain in ("", "-plain")
     for lazy in ("", "-lazy")
     for r in ("", "-r5", "-r20")
 }
 
 
 def kronecker_options(method: str) -> dict:
-    """``Kronecker`` keyword arguments of a ``fip-kfac[-lazy][-rN]`` method name."""
+    """``Kronecker`` keyword arguments of a ``fip-kfac[-plain][-lazy][-rN]`` method name."""
     options = {"pull_every_step": "-lazy" not in method}
+    if "-plain" in method:
+        options["corrected"] = False
     if "-r" in method:
         options["refresh"] = int(method.rsplit("-r", 1)[1])
     return options

@@ -39,8 +39,11 @@ def step_on(net, opt, xb, yb):
     opt.step()
 
 
+@pytest.mark.parametrize("corrected", [True, False], ids=["ekfac", "kfac"])
 @pytest.mark.parametrize("d_in, n", [(4, 30), (20, 6)], ids=["full-factor", "thin-factor"])
-def test_on_one_linear_layer_the_kronecker_direction_is_the_exact_natural_direction(d_in, n):
+def test_on_one_linear_layer_the_kronecker_direction_is_the_exact_natural_direction(
+    d_in, n, corrected
+):
     """One affine layer, Euclidean outputs: dF_bc/dz_b = N^{-1/2} e_c does not depend on the
     sample, so A (x) G = J^T J and lam (A (x) G + lam I)^{-1} grad = FIP.natural_direction."""
     net, anchors, xb, yb = linear_task(d_in, n)
@@ -51,7 +54,7 @@ def test_on_one_linear_layer_the_kronecker_direction_is_the_exact_natural_direct
         anchor_inputs=anchors,
         anchors=EXACT,
         pullback=PullBack(strength=0.0),
-        curvature=Kronecker(refresh=1),
+        curvature=Kronecker(refresh=1, corrected=corrected),
     )
     with torch.no_grad():  # away from the weights where the damping was set
         for p in net.parameters():

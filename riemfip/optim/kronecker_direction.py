@@ -27,34 +27,48 @@ layer instead of :math:`NC`: it protects the span of the anchors' layer inputs t
 their output gradients (as GPM protects the span of the layer inputs), a larger subspace
 than the exact metric's.
 
+Eigenvalues: with ``Kronecker(corrected=True)`` each layer's block keeps the Kronecker
+eigenbasis :math:`U_{G_l} \otimes U_{A_l}` but takes as eigenvalues the exact curvature of
+each basis direction, :math:`\|J_l (u^G_i u^{A\top}_j)\|^2` (EKFAC, George et al. 2018),
+instead of the products :math:`s^G_i s^A_j` of KFAC's means.
+
 Pull-back toward the frozen outputs :math:`F(w_0)`, with :math:`r = F(w) - F(w_0)` on the
 step's anchors:
 
-* every step (:attr:`Kronecker.pull_every_step`), the Kronecker-preconditioned
-  Gauss–Newton step :math:`-\gamma(\hat g + \lambda I)^{-1}J^\top r` (:math:`J^\top r`: one
-  forward and backward pass over the step's anchors; free on a refresh step, where the
-  factored Jacobian holds it), capped as FIP caps its own at
-  :math:`\eta\max(\|\nabla L\|, \|J^\top r\|)`;
+* on refresh steps, and on every step with :attr:`Kronecker.pull_every_step`, the
+  Kronecker Gauss–Newton step :math:`p = (\hat g + \lambda I)^{-1}J^\top r`, line-searched
+  (:math:`\alpha = \min(1, r^\top Jp/\|Jp\|^2)`, exact on the linear model; 1 where
+  :math:`\hat g` is exact) and capped as FIP caps its own at
+  :math:`\eta\max(\|\nabla L\|, \|J^\top r\|)`, times :math:`\gamma`. :math:`J^\top r` and
+  :math:`Jp` are free on a refresh step (the factored Jacobian holds them), else one forward
+  and backward pass and one forward-mode pass over the step's anchors. Without the line
+  search the full step overshot by orders of magnitude along the directions that
+  :math:`\hat g` underestimates, and every two-task benchmark diverged within ten steps;
 * every ``PullBack.every`` steps, FIP's Gauss–Newton Cauchy step on *all* fit anchors.
 
-The drift measurement and :class:`DriftGuard` are FIP's.
+The drift measurement and :class:`DriftGuard` are FIP's. Steps that neither refresh nor
+pull back draw no anchors at all.
 
 Solves by thin factors
 ----------------------
-A wide input factor (a 512-channel 3x3 convolution has :math:`A_l` of side 4609) is
-eigendecomposed through the Gram matrix of its patches when they are fewer than its side:
-with :math:`P` the :math:`NT \times e` patches, :math:`A = P^\top P/N` and
-:math:`PP^\top/N = V\operatorname{diag}(s)V^\top` give :math:`A = U\operatorname{diag}(s)U^\top`,
-:math:`U = P^\top V \operatorname{diag}(Ns)^{-1/2}`, and on the complement of :math:`U`
-(where :math:`A` vanishes) the damped inverse is :math:`1/\lambda`:
+Each factor is eigendecomposed through the smaller of its two Gram matrices, and only its
+nonzero eigenpairs are kept. A wide input factor (a 512-channel 3x3 convolution has
+:math:`A_l` of side 4609) seen through :math:`NT < e` patches :math:`P` (:math:`NT \times e`):
+:math:`A = P^\top P/N` and :math:`PP^\top/N = V\operatorname{diag}(s)V^\top` give
+:math:`A = U\operatorname{diag}(s)U^\top`, :math:`U = P^\top V \operatorname{diag}(Ns)^{-1/2}`;
+likewise :math:`G_l` from fewer output-gradient rows than its side, and a normalisation
+layer's exact block :math:`R^\top R` from :math:`RR^\top`. Off :math:`U_G \otimes U_A` the
+block vanishes and its damped inverse is :math:`1/\lambda`:
 
 .. math::
 
-    (A\otimes G + \lambda I)^{-1}: V \mapsto \frac{V}{\lambda} + U_G\Big[R \circ
-    \Big(\frac{1}{s^G s^\top + \lambda} - \frac1\lambda\Big)\Big]U^\top,
-    \qquad R = U_G^\top V U.
+    (\hat g_l + \lambda I)^{-1}: V \mapsto \frac{V}{\lambda} + U_G\Big[R \circ
+    \Big(\frac{1}{S + \lambda} - \frac1\lambda\Big)\Big]U_A^\top,
+    \qquad R = U_G^\top V U_A,
 
-The same metric, at :math:`(NT)^3` instead of :math:`e^3` per refresh.
+with :math:`S = s^G s^{A\top}` (or the EKFAC eigenvalues). The same metric, at
+:math:`\min(NT, e)^3` instead of :math:`e^3` per refresh; factors wider than 512 are
+eigendecomposed in their own dtype (float64 where single precision fails to converge).
 """
 
 from __future__ import annotations
