@@ -12,12 +12,12 @@ The optimizers, each built from its public constructor only:
 ``fip-sketch``
     The same with ``anchors=AnchorSampling(outputs=2)``: two random output directions per
     anchor per step instead of all of them (the cheap setting).
-``fip-kfac``, ``fip-kfac-lazy``, ``fip-kfac-plain-r5``, ``fip-kfac-lazy-r20``, ...
+``fip-kfac``, ``fip-kfac-lazy``, ``fip-kfac-ekfac-r5``, ``fip-kfac-p2-r20``, ...
     The same with ``curvature=Kronecker(...)``: the Kronecker-factored anchor metric of a
     step's anchors, refreshed every 10 steps (``-rN``: every N) with the per-step
-    pull-back (``-lazy``: ``pull_every_step=False``, the anchors' outputs pulled back only on
-    refresh steps and by the all-anchor pull-back), EKFAC eigenvalues (``-plain``: KFAC's,
-    ``corrected=False``); :mod:`riemfip.optim.kronecker_direction`.
+    pull-back (``-pK``: every K steps; ``-lazy``: ``pull_every=None``, the anchors' outputs
+    pulled back only on refresh steps and by the all-anchor pull-back), KFAC's eigenvalues (``-ekfac``: EKFAC's,
+    ``corrected=True``); :mod:`riemfip.optim.kronecker_direction`.
 ``gpm``
     :class:`riemfip.applications.gpm.ProjectedSGD` with ``lr=0.05`` over the bases that
     :class:`~riemfip.applications.gpm.BasisMemory` builds from the same stored inputs
@@ -77,6 +77,7 @@ import ctypes
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -98,23 +99,25 @@ MODEL_LABELS = {
 }
 METHOD_LABELS = {"fip": "FIP (defaults)", "fip-sketch": "FIP (outputs=2)", "gpm": "GPM"}
 METHOD_LABELS |= {
-    f"fip-kfac{plain}{lazy}{r}": (
-        f"FIP (Kronecker{', plain' if plain else ''}{', lazy' if lazy else ''}, "
+    f"fip-kfac{ekfac}{lazy}{r}": (
+        f"FIP (Kronecker{', EKFAC' if ekfac else ''}"
+        f"{', lazy' if lazy == '-lazy' else ''}{f', pull every {lazy[2:]}' if lazy[:2] == '-p' else ''}, "
         f"refresh {r[2:] or 10})"
     )
-    for plain in ("", "-plain")
-    for lazy in ("", "-lazy")
+    for ekfac in ("", "-ekfac")
+    for lazy in ("", "-lazy", "-p2", "-p3")
     for r in ("", "-r5", "-r20")
 }
 
 
 def kronecker_options(method: str) -> dict:
-    """``Kronecker`` keyword arguments of a ``fip-kfac[-plain][-lazy][-rN]`` method name."""
-    options = {"pull_every_step": "-lazy" not in method}
-    if "-plain" in method:
-        options["corrected"] = False
-    if "-r" in method:
-        options["refresh"] = int(method.rsplit("-r", 1)[1])
+    """``Kronecker`` keyword arguments of a ``fip-kfac[-ekfac][-lazy|-pK][-rN]`` method name."""
+    pull, refresh = re.search(r"-p(\d+)", method), re.search(r"-r(\d+)", method)
+    options = {"pull_every": None if "-lazy" in method else int(pull[1]) if pull else 1}
+    if "-ekfac" in method:
+        options["corrected"] = True
+    if refresh:
+        options["refresh"] = int(refresh[1])
     return options
 
 

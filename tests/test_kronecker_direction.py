@@ -182,6 +182,38 @@ def test_the_factors_are_rebuilt_every_refresh_steps_and_kept_in_between(monkeyp
     assert metrics[3] is metrics[5] is not metrics[6]
 
 
+@pytest.mark.parametrize(
+    "pull_every, drawn", [(1, [1, 2, 3, 4, 5, 6, 7]), (2, [1, 3, 4, 6, 7]), (None, [1, 4, 7])]
+)
+def test_anchors_are_drawn_only_on_refresh_and_pull_back_steps(monkeypatch, pull_every, drawn):
+    """refresh=3: the step's anchors are drawn (and their neighbourhoods scored by the frozen
+    network) on refresh steps and every pull_every-th step after one; the other steps take
+    the Kronecker direction and nothing else from the anchors."""
+    from riemfip.optim.anchored import PathOptimizer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    anchors = torch.randn(40, 6, dtype=torch.float64)
+    xb, yb = torch.randn(32, 6, dtype=torch.float64), torch.randint(4, (32,))
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=anchors,
+        anchors=AnchorSampling(batch=8),
+        curvature=Kronecker(refresh=3, pull_every=pull_every),
+    )
+    steps = []
+    real = PathOptimizer._step_anchors
+    monkeypatch.setattr(
+        PathOptimizer,
+        "_step_anchors",
+        lambda self, g: steps.append(self.state[g.key]["step"]) or real(self, g),
+    )
+    for _ in range(7):
+        step_on(net, opt, xb, yb)
+    assert steps == drawn
+
+
 def test_kronecker_route_keeps_old_outputs_better_than_sgd():
     """A few Kronecker-route steps on a new task move held-out anchor outputs far less than
     SGD steps of the same learning rate."""
@@ -208,5 +240,7 @@ def test_bad_curvature_options_are_rejected():
     net = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="refresh"):
         Kronecker(refresh=0)
+    with pytest.raises(ValueError, match="pull_every"):
+        Kronecker(pull_every=0)
     with pytest.raises(TypeError, match="curvature"):
         FIP(net.parameters(), model=net, anchor_inputs=torch.randn(10, 3), curvature="kfac")

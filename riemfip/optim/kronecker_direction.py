@@ -35,7 +35,7 @@ instead of the products :math:`s^G_i s^A_j` of KFAC's means.
 Pull-back toward the frozen outputs :math:`F(w_0)`, with :math:`r = F(w) - F(w_0)` on the
 step's anchors:
 
-* on refresh steps, and on every step with :attr:`Kronecker.pull_every_step`, the
+* on refresh steps, and every :attr:`Kronecker.pull_every` steps in between, the
   Kronecker Gauss–Newton step :math:`p = (\hat g + \lambda I)^{-1}J^\top r`, line-searched
   (:math:`\alpha = \min(1, r^\top Jp/\|Jp\|^2)`, exact on the linear model; 1 where
   :math:`\hat g` is exact) and capped as FIP caps its own at
@@ -98,25 +98,28 @@ class Kronecker:
         Steps between rebuilds of the factors (default 10; 1: every step). The factors of a
         refresh come from that step's anchors (``anchors``: batch, neighbourhood, sketched
         outputs) at that step's weights.
-    pull_every_step : bool
-        Pull the step's anchor outputs back every step by the Kronecker-preconditioned
-        Gauss–Newton step (one forward and backward pass over the step's anchors), not only
-        on refresh steps.
+    pull_every : int or None
+        Pull the step's anchor outputs back by the line-searched Kronecker Gauss–Newton step
+        every this many steps after a refresh (default 1: every step; each costs one forward,
+        one backward and one forward-mode pass over the step's anchors), besides on refresh
+        steps (where it is free); ``None``: on refresh steps only.
     corrected : bool
-        Eigenvalues of each layer's block: the exact curvature of each direction of the
-        Kronecker eigenbasis (EKFAC, default), or KFAC's products :math:`s^G_i s^A_j`
-        (``False``), which underestimate it where a layer's inputs and output gradients are
-        large on the same anchors (the drift then grows by orders of magnitude on the
-        two-task benchmarks).
+        Eigenvalues of each layer's block: KFAC's products :math:`s^G_i s^A_j` (default), or
+        the exact curvature of each direction of the Kronecker eigenbasis (EKFAC). EKFAC's
+        are smaller where KFAC's products overestimate, so more of the gradient passes there:
+        on the two-task benchmarks it kept less and diverged on 5 of 10 CNN runs at ``lr``
+        0.4 (``benchmarks/README.md``).
     """
 
     refresh: int = 10
-    pull_every_step: bool = True
-    corrected: bool = True
+    pull_every: int | None = 1
+    corrected: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "refresh", int(check_number("refresh", self.refresh, low=1)))
-        object.__setattr__(self, "pull_every_step", bool(self.pull_every_step))
+        if self.pull_every is not None:
+            every = int(check_number("pull_every", self.pull_every, low=1))
+            object.__setattr__(self, "pull_every", every)
         object.__setattr__(self, "corrected", bool(self.corrected))
 
 
@@ -145,6 +148,11 @@ def _pairs(rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor
     (then :math:`U = R^\top V\operatorname{diag}(s/\text{scale})^{-1/2}`). Eigenvalues below
     the rows' rounding are dropped: noise, whose vectors :math:`1/\sqrt{s}` would amplify
     (:math:`M` vanishes there up to rounding)."""
+    if not bool(torch.isfinite(rows).all()):
+        raise FloatingPointError(
+            "the anchors' layer inputs or output gradients are not finite (the weights "
+            "diverged): lower lr"
+        )
     thin = rows.shape[0] < rows.shape[1]
     s, v = _symmetric_eigh(scale * (rows @ rows.T if thin else rows.T @ rows))
     keep = s > s.max().clamp_min(0) * 100 * torch.finfo(rows.dtype).eps
@@ -272,7 +280,10 @@ def refresh_due(policy: Kronecker, state: dict) -> bool:
 def anchors_needed(policy: Kronecker, state: dict, pullback) -> bool:
     """Whether this step reads its anchors (a refresh, or the per-step pull-back); the other
     steps skip drawing them (and scoring their neighbourhood by the frozen network)."""
-    return refresh_due(policy, state) or (policy.pull_every_step and pullback.strength > 0)
+    if refresh_due(policy, state):
+        return True
+    every, since = policy.pull_every, state["step"] - state["kronecker_step"]
+    return every is not None and since % every == 0 and pullback.strength > 0
 
 
 def _line_searched(p: torch.Tensor, residual: torch.Tensor, jvp) -> torch.Tensor:
