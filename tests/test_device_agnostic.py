@@ -22,7 +22,7 @@ from manifolds.geodesic import relax, relax_minibatches, shoot
 from riemfip.applications.continual import run_continual
 from riemfip.connectivity import connect, evaluate_path, fit_bezier
 from riemfip.data import Dataset, split_tasks
-from riemfip.optim import FIP, AnchorSampling, FIPPenalty
+from riemfip.optim import FIP, AnchorSampling, FIPPenalty, Kronecker
 
 DTYPE = torch.float64
 
@@ -115,9 +115,12 @@ def test_minibatch_relax(problem):
         lambda n, x: FIP(
             n.parameters(), model=n, anchor_inputs=x, anchors=AnchorSampling(batch=4, outputs=2)
         ),
+        lambda n, x: FIP(
+            n.parameters(), model=n, anchor_inputs=x, curvature=Kronecker(refresh=3)
+        ),
         lambda n, x: FIPPenalty(n.parameters(), model=n, anchor_inputs=x),
     ],
-    ids=["fip", "fip-sketched", "penalty"],
+    ids=["fip", "fip-sketched", "fip-kronecker", "penalty"],
 )
 def test_path_optimizers(problem, make):
     net, x, *_ = problem

@@ -609,6 +609,31 @@ def test_anchor_transform_of_wrong_shape_is_rejected(task):
         opt.step()
 
 
+def test_a_step_that_fails_part_way_leaves_the_state_as_it_was(task):
+    """An error inside a step (here the second step's anchor transform) restores the step
+    count, the anchor order and the generator, as a diverging step does."""
+    net = copy.deepcopy(task["net"])
+    calls = []
+
+    def transform(x, g):
+        calls.append(1)
+        noisy = x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype, device=g.device)
+        return noisy if len(calls) != 2 else x[:3]
+
+    opt = FIP(
+        net.parameters(), model=net, anchor_inputs=task["anchors"],
+        anchors=AnchorSampling(batch=20, transform=transform),
+    )  # fmt: skip
+    new_task_backward(net, task)
+    opt.step()
+    key = opt._groups[0].key
+    order, generator = opt._order.clone(), opt._generator.get_state()
+    with pytest.raises(ValueError, match="anchor transform must return"):
+        opt.step()
+    assert opt.state[key]["step"] == 1
+    assert torch.equal(opt._order, order) and torch.equal(opt._generator.get_state(), generator)
+
+
 def test_group_with_foreign_parameter_is_rejected(task):
     net = task["net"]
     stranger = nn.Parameter(torch.zeros(3, dtype=torch.float64))

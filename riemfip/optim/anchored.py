@@ -368,16 +368,24 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
         # updated in place), the anchor order and the generator
         state.setdefault("step", 0)
         before = (dict(state), self._order, self._generator.get_state())
-        state["step"] += 1
-        w = group.read()
-        x, y0 = self._step_anchors(group)
-        secondary, correction, diag = self._direction(gi, param_group, state, w, grad, x, y0)
-        new_w, drift, scale, shrunk = self._guarded_move(gi, w, secondary, correction)
-        if not bool(torch.isfinite(new_w.sum())):
+
+        def restore() -> None:
             state.clear()
             state.update(before[0])
             self._order = before[1]
             self._generator.set_state(before[2])
+
+        state["step"] += 1
+        w = group.read()
+        try:
+            x, y0 = self._step_anchors(group)
+            secondary, correction, diag = self._direction(gi, param_group, state, w, grad, x, y0)
+            new_w, drift, scale, shrunk = self._guarded_move(gi, w, secondary, correction)
+        except Exception:  # a step that fails part-way leaves no trace either
+            restore()
+            raise
+        if not bool(torch.isfinite(new_w.sum())):
+            restore()
             raise FloatingPointError(
                 f"step {state['step'] + 1} of group {gi} is not finite (|grad| = "
                 f"{float(grad.norm()):.3g}); the weights and the optimizer's state are left as "
