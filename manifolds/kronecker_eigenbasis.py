@@ -69,8 +69,7 @@ def _pairs(rows: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor
     (:math:`M` vanishes there up to rounding)."""
     if not bool(torch.isfinite(rows).all()):
         raise FloatingPointError(
-            "the anchors' layer inputs or output gradients are not finite (the weights "
-            "diverged)"
+            "the anchors' layer inputs or output gradients are not finite (the weights diverged)"
         )
     thin = rows.shape[0] < rows.shape[1]
     s, v = _symmetric_eigh(scale * (rows @ rows.T if thin else rows.T @ rows))

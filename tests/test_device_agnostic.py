@@ -115,9 +115,7 @@ def test_minibatch_relax(problem):
         lambda n, x: FIP(
             n.parameters(), model=n, anchor_inputs=x, anchors=AnchorSampling(batch=4, outputs=2)
         ),
-        lambda n, x: FIP(
-            n.parameters(), model=n, anchor_inputs=x, curvature=Kronecker(refresh=3)
-        ),
+        lambda n, x: FIP(n.parameters(), model=n, anchor_inputs=x, curvature=Kronecker(refresh=3)),
         lambda n, x: FIPPenalty(n.parameters(), model=n, anchor_inputs=x),
     ],
     ids=["fip", "fip-sketched", "fip-kronecker", "penalty"],
