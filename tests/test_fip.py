@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from manifolds import PullbackMetric, WeightSpace, flat_parameter
+from manifolds import MixedPrecision, PullbackMetric, WeightSpace, flat_parameter
 from riemfip.optim import (
     FIP,
     AnchorSampling,
@@ -723,6 +723,28 @@ def test_fip_on_a_flat_manifold_parameter_equals_fip_on_the_module(task):
         opt_p.step()
         torch.testing.assert_close(p.detach(), flat(net), rtol=1e-10, atol=1e-12)
         assert opt_p.last_info[0].drift == opt.last_info[0].drift
+
+
+def test_fip_on_a_mixed_precision_manifold_steps_in_its_precision(task):
+    """On a WeightSpace whose metric has bfloat16 products, FIP's step metrics take them too:
+    the steps agree with full precision to bfloat16's roundoff and are not equal to them."""
+    x = task["anchors"].float()
+    runs = []
+    for precision in (None, MixedPrecision()):
+        net = copy.deepcopy(task["net"]).float()
+        space = WeightSpace(PullbackMetric.from_module(net, x, damping=0.1, precision=precision))
+        p = flat_parameter(net, space)
+        opt = FIP([p], lr=0.1)
+        assert opt.step_metric(0, x, 0.1).precision is precision
+        for _ in range(3):
+            opt.zero_grad()
+            out = space.metric.module(p, task["xb"].float())
+            nn.functional.cross_entropy(out, task["yb"]).backward()
+            opt.step()
+        assert p.dtype == torch.float32
+        runs.append(p.detach().clone() - flat(task["net"]).float())
+    moved, err = float(runs[0].norm()), float((runs[1] - runs[0]).norm())
+    assert 0 < err < 0.05 * moved
 
 
 def test_batchnorm_statistics_are_the_old_tasks_and_the_metric_is_taken_in_eval_mode(task):

@@ -278,13 +278,17 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
         self, gi: int, x: torch.Tensor, damping: float, output_metric: OutputMetric | None = None
     ) -> PullbackMetric:
         """The anchor metric of group ``gi`` on anchor inputs ``x`` with damping ``damping``
-        (and this optimizer's output metric unless another is given)."""
+        (and this optimizer's output metric unless another is given); on a manifold
+        parameter, with its metric's :class:`~manifolds.MixedPrecision`, if any."""
+        group = self._groups[gi]
+        precision = None if group.param is None else group.param.manifold.metric.precision
         return PullbackMetric.from_module(
-            self._groups[gi].flat,
+            group.flat,
             x,
             output_metric=self.output_metric if output_metric is None else output_metric,
             damping=damping,
             check_inputs=False,
+            precision=precision,
         )
 
     def step_output_metric(self, x: torch.Tensor, y0: torch.Tensor) -> OutputMetric:
