@@ -143,6 +143,8 @@ class PathOptions:
 
 @dataclass
 class MinibatchOptions:
+    """The minibatch route's options: ``--batch-size``, ``--epochs``, ``--held-out``."""
+
     batch_size: int
     epochs: int
     held_out: int  # 0: none, the first batch judges
