@@ -56,11 +56,21 @@ class TrustFIP(FIP):
     """FIP whose lr is multiplied by ``m``, adapted each step from the nonlinearity ratio ``q``."""
 
     def __init__(
-        self, params, *, tol=0.3, grow=1.1, m_max=1.0, m_min=1e-3, ref="grad",
-        probe="secondary", diag=False, **kwargs
+        self,
+        params,
+        *,
+        tol=0.3,
+        grow=1.1,
+        m_max=1.0,
+        m_min=1e-3,
+        ref="grad",
+        probe="secondary",
+        diag=False,
+        ema=0.0,
+        **kwargs,
     ):
         self.tol, self.grow, self.m_max, self.m_min = float(tol), float(grow), float(m_max), m_min
-        self.probe, self.diag = probe, bool(diag)
+        self.probe, self.diag, self.ema = probe, bool(diag), float(ema)
         self.ref = ref  # "grad": q = |e| / (lr |J grad|); "residual": q = |e| / |F(w) - F(w0)|
         self._pending = {}
         super().__init__(params, **kwargs)
@@ -123,10 +133,21 @@ class TrustFIP(FIP):
         # probe point: the secondary step alone ("secondary", what m controls: e = O(m^2),
         # ref = O(m)), or the accepted point ("total": pull-backs included, whose
         # nonlinearity does not shrink with m, so q -> infinity as m -> 0)
-        delta = secondary if self.probe == "secondary" else self._groups[gi].read() - w
+        if self.probe == "holdout":
+            # off-constraint leak: how far the secondary step moves the outputs of stored
+            # inputs this step did not protect (the held-out anchors), relative to ref
+            delta = secondary
+            hold = self.step_metric(gi, self._groups[gi].anchor.holdout_inputs, 0.0)
+            err = hold.embed(w + secondary) - hold.embed(w)
+        else:
+            delta = secondary if self.probe == "secondary" else self._groups[gi].read() - w
         if ref > 0 and float(delta.norm()) > 0:
-            err = metric.embed(w + delta) - jac.embedded - jac.jvp(delta[None])[0]
-            q = float(err.norm()) / ref
+            if self.probe != "holdout":
+                err = metric.embed(w + delta) - jac.embedded - jac.jvp(delta[None])[0]
+            q_raw = float(err.norm()) / ref
+            prev = state.get("q_ema")
+            q = q_raw if prev is None or self.ema == 0 else self.ema * prev + (1 - self.ema) * q_raw
+            state["q_ema"] = q
             m = state["lr_mult"]
             if q > self.tol:
                 m = max(0.5 * m, self.m_min)
@@ -142,8 +163,11 @@ class TrustFIP(FIP):
                 fit = self.step_metric(gi, self._groups[gi].anchor.fit_inputs, 0.0)
                 fit_move = float((fit.embed(w + secondary) - fit.embed(w)).norm())
                 lin = float(jac.jvp(secondary[None])[0].norm())
-                for k, v in (("lin_leak", lin / ref), ("batch_move", batch_move / ref),
-                             ("fit_move", fit_move / ref)):
+                for k, v in (
+                    ("lin_leak", lin / ref),
+                    ("batch_move", batch_move / ref),
+                    ("fit_move", fit_move / ref),
+                ):
                     state.setdefault(k, []).append(v)
         return info
 
@@ -191,7 +215,11 @@ def _fip_maker(anchors, options, ft_lr):
     trust = options.pop("trust", None)
     if trust is not None:  # FIP keywords given inside the trust dict go to FIP
         trust = dict(trust)
-        for k in [k for k in trust if k not in ("tol", "grow", "m_max", "m_min", "ref", "probe", "diag")]:
+        for k in [
+            k
+            for k in trust
+            if k not in ("tol", "grow", "m_max", "m_min", "ref", "probe", "diag", "ema")
+        ]:
             options[k] = trust.pop(k)
 
     def make(net):
