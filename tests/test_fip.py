@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,12 +19,14 @@ from manifolds import MixedPrecision, PullbackMetric, WeightSpace, flat_paramete
 from riemfip.optim import (
     FIP,
     AnchorSampling,
+    BatchNormWarning,
     DriftGuard,
     FIPPenalty,
     GaussianNoise,
     NeighbourNoise,
     PullBack,
     RandomShift,
+    batchnorm_eval,
 )
 from riemfip.optim.anchor import holdout_mask
 
@@ -769,16 +772,52 @@ def test_batchnorm_statistics_are_the_old_tasks_and_the_metric_is_taken_in_eval_
     assert torch.equal(opt.anchor.fit_outputs, expected)  # frozen in eval mode
     metric = opt.manifold().metric
     torch.testing.assert_close(metric.fn(flat(net)), expected)  # deterministic despite Dropout
-    for _ in range(3):
+    for step in range(3):
         opt.zero_grad()
         nn.functional.cross_entropy(net(task["xb"]), task["yb"]).backward()  # train mode
         assert not torch.equal(bn.running_mean, old_stats[0])  # the new task moved them...
-        opt.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        said = [w for w in caught if issubclass(w.category, BatchNormWarning)]
+        assert len(said) == (step == 0)  # batch statistics that will not be kept: said once
+        assert step or "batchnorm_eval" in str(said[0].message)
         for now, before in zip(
             (bn.running_mean, bn.running_var, bn.num_batches_tracked), old_stats, strict=True
         ):
             assert torch.equal(now, before)  # ...and FIP put the old task's back
     assert opt.last_info[0].drift.agreement > 0.9
+
+
+def test_batchnorm_eval_makes_the_new_task_learned_under_the_kept_statistics(task):
+    """With BatchNorm in eval mode (``batchnorm_eval`` after ``train()``; Dropout stays in
+    train mode) FIP steps without a warning and what it learns holds in eval mode: the new
+    batch's eval-mode loss falls."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, CLASSES)
+    ).double()
+    x_old = task["anchors"]
+    net.train()
+    for _ in range(5):
+        net(x_old)
+    opt = FIP(net.parameters(), model=net, anchor_inputs=x_old, lr=0.1)
+
+    def eval_loss():
+        with torch.no_grad():
+            out = net.eval()(task["xb"])
+        return float(nn.functional.cross_entropy(out, task["yb"]))
+
+    before = eval_loss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BatchNormWarning)
+        for _ in range(20):
+            batchnorm_eval(net.train())
+            assert not net[1].training and net[3].training
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(task["xb"]), task["yb"]).backward()
+            opt.step()
+    assert eval_loss() < 0.95 * before
 
 
 def test_protected_share_is_the_soft_projection_of_the_step(task):
@@ -838,7 +877,7 @@ def test_factored_and_autograd_routes_take_the_same_step_on_a_cnn_with_batch_nor
     for route in ("factored", "autograd"):
         if route == "autograd":
             monkeypatch.setattr(PullbackMetric, "_factored_jacobian", lambda self, w: None)
-        net = copy.deepcopy(cnn)
+        net = batchnorm_eval(copy.deepcopy(cnn))
         opt = FIP(net.parameters(), model=net, anchor_inputs=anchors)
         for _ in range(2):
             opt.zero_grad()
@@ -853,7 +892,7 @@ def test_a_fip_step_on_a_cnn_moves_held_out_outputs_far_less_than_sgd():
     """The defining property on a convolutional network: with the defaults, a FIP step changes
     the outputs on held-out anchors < 1/5 as much as an SGD step of the same length."""
     cnn, anchors, xb, yb = cnn_problem()
-    net = copy.deepcopy(cnn)
+    net = batchnorm_eval(copy.deepcopy(cnn))
     opt = FIP(net.parameters(), model=net, anchor_inputs=anchors, lr=0.1)
     nn.functional.cross_entropy(net(xb), yb).backward()
     grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])

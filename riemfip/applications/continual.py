@@ -46,6 +46,7 @@ from riemfip.data import Dataset
 
 from ..checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
 from ..labelled import check_dataset
+from ..optim import PathOptimizer, batchnorm_eval
 from .continual_methods import (
     EWC,
     ContinualMethod,
@@ -354,6 +355,8 @@ def _train_task(model, method, tasks, t, memory, heads, epochs, lr, batch_size, 
     steps = 0
     opt = method.optimizer(model, lr, t, memory)
     model.train()
+    if isinstance(opt, PathOptimizer):  # BatchNorm by the old task's statistics, kept and used
+        batchnorm_eval(model)
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen, device=gen.device).to(x.device)
         for s in range(0, len(x), batch_size):

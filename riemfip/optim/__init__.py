@@ -10,6 +10,7 @@ penalty formulation. Both share the anchor (:mod:`.anchor`), the policy objects
 from .anchor import Anchor, AnchorDrift
 from .anchor_transforms import GaussianNoise, NeighbourNoise, RandomShift, ScaledNoise
 from .anchored import PathOptimizer, PathStepInfo
+from .batchnorm import BatchNormWarning, batchnorm_eval
 from .fip import FIP
 from .kronecker_direction import Kronecker
 from .modes import MODES, path_optimizer
@@ -21,6 +22,7 @@ __all__ = [
     "Anchor",
     "AnchorDrift",
     "AnchorSampling",
+    "BatchNormWarning",
     "DriftGuard",
     "FIPPenalty",
     "GaussianNoise",
@@ -32,5 +34,6 @@ __all__ = [
     "PullBack",
     "RandomShift",
     "ScaledNoise",
+    "batchnorm_eval",
     "path_optimizer",
 ]

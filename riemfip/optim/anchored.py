@@ -33,6 +33,7 @@ Subclasses give :meth:`PathOptimizer._direction`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import geoopt
@@ -47,6 +48,7 @@ from manifolds.flat import FlatModule
 from manifolds.output_metrics import OutputMetric, Sketched, get_output_metric
 
 from .anchor import Anchor, AnchorDrift
+from .batchnorm import BatchNormWarning, batchnorm_in_train_mode
 from .policies import AnchorSampling, DriftGuard
 
 __all__ = ["PathOptimizer", "PathStepInfo"]
@@ -339,6 +341,7 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
                 loss = closure()
             if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
                 raise ValueError(f"the closure's loss is {float(loss)}; FIP refuses to step")
+        self._warn_batch_statistics()
         with torch.no_grad():
             grads = [self._gradient(gi) for gi in range(len(self._groups))]
             self.last_info = [
@@ -348,6 +351,25 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
             for buffer, saved in self._buffers.values():
                 buffer.copy_(saved)
         return loss
+
+    def _warn_batch_statistics(self) -> None:
+        """:class:`BatchNormWarning`, once, if the model's BatchNorm layers are in train mode:
+        the new task is then learned under batch statistics that the restored running
+        statistics (the old task's) replace at evaluation (:mod:`riemfip.optim.batchnorm`)."""
+        if self.model is None or getattr(self, "_warned_batchnorm", False):
+            return
+        names = batchnorm_in_train_mode(self.model)
+        if names:
+            self._warned_batchnorm = True
+            warnings.warn(
+                f"BatchNorm layers {names[:3]}{' ...' if len(names) > 3 else ''} are in train "
+                "mode: FIP keeps the old task's running statistics, so what is learned under "
+                "batch statistics will not hold in eval mode (the new task can fall to chance). "
+                "Call riemfip.optim.batchnorm_eval(model) after model.train() (and expect a "
+                "lower lr to be needed)",
+                BatchNormWarning,
+                stacklevel=4,  # the caller of opt.step(), through torch's step wrapper
+            )
 
     def _gradient(self, gi: int) -> torch.Tensor:
         grad = self._groups[gi].gradient()
