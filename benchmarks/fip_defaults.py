@@ -81,31 +81,18 @@ OLD, NEW = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 NAN = float("nan")
 
 
-def small_cnn() -> nn.Module:
-    """A small CNN for 1x8x8 inputs: conv 16@3x3, conv 32@3x3, 2x2 max pool, 512-64-10, ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
-
-
-def small_bn_cnn() -> nn.Module:
-    """:func:`small_cnn` with BatchNorm after each convolution (FIP keeps the old task's running
+def small_cnn(batchnorm: bool = False) -> nn.Module:
+    """A small CNN for 1x8x8 inputs: conv 16@3x3, conv 32@3x3, 2x2 max pool, 512-64-10, ReLU;
+    with ``batchnorm``, BatchNorm after each convolution (FIP then keeps the old task's running
     statistics and takes its metric in eval mode)."""
+
+    def conv(c_in: int, c_out: int) -> list[nn.Module]:
+        norm = [nn.BatchNorm2d(c_out)] if batchnorm else []
+        return [nn.Conv2d(c_in, c_out, 3, padding=1), *norm, nn.ReLU()]
+
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
+        *conv(1, 16),
+        *conv(16, 32),
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(32 * 4 * 4, 64),
@@ -136,7 +123,12 @@ PROBLEMS = {
     ),
     "cnn-digits": Problem("digits", False, small_cnn, "CNN 8x8 (conv16-conv32-64)", 20, 15),
     "bn-cnn-digits": Problem(
-        "digits", False, small_bn_cnn, "CNN 8x8 with BatchNorm (conv16-BN-conv32-BN-64)", 20, 15
+        "digits",
+        False,
+        lambda: small_cnn(batchnorm=True),
+        "CNN 8x8 with BatchNorm (conv16-BN-conv32-BN-64)",
+        20,
+        15,
     ),
 }
 

@@ -750,18 +750,28 @@ def test_fip_on_a_mixed_precision_manifold_steps_in_its_precision(task):
     assert 0 < err < 0.05 * moved
 
 
+def bn_net(task, dropout: float) -> tuple[nn.Module, torch.Tensor]:
+    """A BatchNorm and Dropout MLP in train mode whose running statistics are the old task's
+    (five train-mode passes over the anchors), and the anchors."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Linear(DIM, 16),
+        nn.BatchNorm1d(16),
+        nn.Tanh(),
+        nn.Dropout(dropout),
+        nn.Linear(16, CLASSES),
+    ).double()
+    net.train()
+    for _ in range(5):
+        net(task["anchors"])
+    return net, task["anchors"]
+
+
 def test_batchnorm_statistics_are_the_old_tasks_and_the_metric_is_taken_in_eval_mode(task):
     """Policy: the frozen outputs and the metric use eval mode (running statistics, no
     Dropout), whatever mode the model is in; train-mode forward passes on the new task
     update BatchNorm's running statistics, and FIP restores the old task's after each step."""
-    torch.manual_seed(3)
-    net = nn.Sequential(
-        nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, CLASSES)
-    ).double()
-    x_old = task["anchors"]
-    net.train()
-    for _ in range(5):  # running statistics of the old task
-        net(x_old)
+    net, x_old = bn_net(task, dropout=0.5)
     bn = net[1]
     old_stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
     opt = FIP(net.parameters(), model=net, anchor_inputs=x_old, lr=0.1)
@@ -793,14 +803,7 @@ def test_batchnorm_eval_makes_the_new_task_learned_under_the_kept_statistics(tas
     """With BatchNorm in eval mode (``batchnorm_eval`` after ``train()``; Dropout stays in
     train mode) FIP steps without a warning and what it learns holds in eval mode: the new
     batch's eval-mode loss falls."""
-    torch.manual_seed(3)
-    net = nn.Sequential(
-        nn.Linear(DIM, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, CLASSES)
-    ).double()
-    x_old = task["anchors"]
-    net.train()
-    for _ in range(5):
-        net(x_old)
+    net, x_old = bn_net(task, dropout=0.1)
     opt = FIP(net.parameters(), model=net, anchor_inputs=x_old, lr=0.1)
 
     def eval_loss():
