@@ -106,9 +106,7 @@ def table(results: dict) -> str:
             runs = [s[label] for s in seeds.values() if not s[label]["error"]]
 
             def m(key, fmt, runs=runs):
-                vals = [r[key] for r in runs]
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                return f"{statistics.fmean(vals):{fmt}} ± {sd:{fmt}}"
+                return fd.pm(fd.mean_std([r[key] for r in runs]), fmt)
 
             before = statistics.fmean(s["before"] for s in seeds.values())
             lines.append(
