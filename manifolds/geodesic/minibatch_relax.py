@@ -428,13 +428,7 @@ def _state(epochs: int, steps: int, interior, opt, generator, rule) -> dict:
         "interior": interior.detach().clone(),
         "adam": copy.deepcopy(opt.state_dict()),  # Adam updates its own in place
         "generator": generator.get_state(),
-        "rule": {
-            "history": list(rule.history),
-            "best": rule.best,
-            "best_points": rule.best_points.clone(),
-            "since": rule.since,
-            "residual": rule.residual,
-        },
+        "rule": rule.state_dict(),
     }
 
 
@@ -458,10 +452,7 @@ def _restore(state: dict, interior, opt, generator, rule) -> tuple[int, int]:
         if isinstance(per_param.get("step"), torch.Tensor):
             per_param["step"] = per_param["step"].cpu()
     generator.set_state(generator_state.cpu())
-    rule.history = [float(e) for e in saved_rule["history"]]
-    rule.best = float(saved_rule["best"])
-    rule.best_points = saved_rule["best_points"].to(interior)
-    rule.since, rule.residual = int(saved_rule["since"]), float(saved_rule["residual"])
+    rule.load_state_dict(saved_rule)
     return steps, epochs
 
 
@@ -477,6 +468,23 @@ class _HeldOutRule:
         self.best, self.best_points = start, interior.detach().clone()
         self.status, self.message, self.residual = Status.MAX_ITERATIONS, _MAXITER_MESSAGE, math.nan
         self.since = 0  # checks since the last step-size cut
+
+    def state_dict(self) -> dict:
+        """What the rule has seen: held-out energies, the best points, checks since a cut."""
+        return {
+            "history": list(self.history),
+            "best": self.best,
+            "best_points": self.best_points.clone(),
+            "since": self.since,
+            "residual": self.residual,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (its points moved to the run's device)."""
+        self.history = [float(e) for e in state["history"]]
+        self.best = float(state["best"])
+        self.best_points = state["best_points"].to(self.best_points)
+        self.since, self.residual = int(state["since"]), float(state["residual"])
 
     def check(self, energy: float, interior: torch.Tensor) -> bool:
         """Record a held-out energy; ``True`` when the run should stop."""
