@@ -58,7 +58,7 @@ import torch
 
 from manifolds.kronecker_eigenbasis import eigenbasis_metric
 from manifolds.kronecker_metric import KroneckerMetric
-from manifolds.layer_jacobian import module_jacobian
+from manifolds.layer_jacobian import FactoredJacobian
 
 from .policies import check_number
 
@@ -140,8 +140,8 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
         metric = opt.step_metric(gi, x, lam, seen)
         target = seen.embed_samples(y0)
         if refresh_due(policy, state):
-            jac = module_jacobian(metric.module, metric.inputs, w, metric.output_metric)
-            if jac is None:
+            jac = metric.jacobian_operator(w)  # factored where the layers allow it
+            if not isinstance(jac, FactoredJacobian):
                 raise ValueError(
                     "curvature=Kronecker needs a network with a factored Jacobian (nn.Linear, "
                     "nn.Conv2d and normalisation layers; see manifolds.layer_jacobian)"
