@@ -66,6 +66,7 @@ from .normalization_factors import (
     rms_norm_factors,
 )
 from .output_metrics import OutputMetric
+from .task_data import ModuleOutputs
 
 __all__ = [
     "FactoredJacobian",
@@ -331,12 +332,5 @@ def module_jacobian(
     if plan is None:
         return None
     wp = w.detach().requires_grad_(True)
-
-    def forward() -> list[torch.Tensor]:
-        if precision is None:
-            return [flat(wp, x, train=False) for x in batches]
-        with precision.autocast(w.device):
-            outs = [flat(wp, x, train=False) for x in batches]
-        return [y.to(w.dtype) for y in outs]
-
-    return layer_jacobian(plan, forward, metric, flat.dim)
+    outputs = ModuleOutputs(flat, batches, precision)
+    return layer_jacobian(plan, lambda: outputs.per_batch(wp), metric, flat.dim)

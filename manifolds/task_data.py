@@ -74,13 +74,17 @@ class ModuleOutputs:
         self.precision = precision
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
-        if self.precision is None:
-            outs = [self.flat(w, x, train=False) for x in self.batches]
-        else:
-            with self.precision.autocast(w.device):
-                outs = [self.flat(w, x, train=False) for x in self.batches]
-            outs = [y.to(w.dtype) for y in outs]
+        outs = self.per_batch(w)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def per_batch(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs on each batch, in the weights' dtype (the passes in the precision's
+        ``products`` dtype, if any)."""
+        if self.precision is None:
+            return [self.flat(w, x, train=False) for x in self.batches]
+        with self.precision.autocast(w.device):
+            outs = [self.flat(w, x, train=False) for x in self.batches]
+        return [y.to(w.dtype) for y in outs]
 
 
 def check_module_takes(flat: FlatModule, batches: list[torch.Tensor]) -> None:
