@@ -151,10 +151,6 @@ class PullbackMetric:
         #: The process group the task data is split over (:mod:`manifolds.data_parallel`),
         #: or ``None``: set by :meth:`from_module` with a ``process_group``.
         self.data_parallel: DataParallel | None = None
-        #: The :class:`~manifolds.precision.MixedPrecision` of the network passes and the
-        #: output-space solves, or ``None`` (everything in the weights' dtype): set by
-        #: :meth:`from_module` with a ``precision``.
-        self.precision: MixedPrecision | None = None
 
     @classmethod
     def from_module(
@@ -242,8 +238,14 @@ class PullbackMetric:
         metric.module = flat
         metric.inputs = batches
         metric.data_parallel = data_parallel
-        metric.precision = precision
         return metric
+
+    @property
+    def precision(self) -> MixedPrecision | None:
+        """The :class:`~manifolds.precision.MixedPrecision` of the network passes and the
+        output-space solves (:meth:`from_module`'s ``precision``), or ``None``: everything in
+        the weights' dtype."""
+        return getattr(self.fn, "precision", None)
 
     def __repr__(self) -> str:
         src = type(self.module.module).__name__ if self.module is not None else "fn"
