@@ -179,6 +179,7 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
             self._buffers = _normalization_buffers(model)
         else:
             self._buffers = {}
+        self._warned_batchnorm = False  # BatchNormWarning is said once
         self.anchor: Anchor | None = self._shared_anchor
         like = self._shared_anchor.fit_inputs if self._shared_anchor is not None else None
         self._generator = torch.Generator(device=like.device if like is not None else "cpu")
@@ -356,7 +357,7 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
         """:class:`BatchNormWarning`, once, if the model's BatchNorm layers are in train mode:
         the new task is then learned under batch statistics that the restored running
         statistics (the old task's) replace at evaluation (:mod:`riemfip.optim.batchnorm`)."""
-        if self.model is None or getattr(self, "_warned_batchnorm", False):
+        if not self._buffers or self._warned_batchnorm:  # no running statistics, or said
             return
         names = batchnorm_in_train_mode(self.model)
         if names:
