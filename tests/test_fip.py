@@ -32,7 +32,7 @@ from riemfip.optim.anchor import holdout_mask
 
 DIM, CLASSES = 6, 4
 #: The exact per-step FIP: every fit anchor, as a point, at every step.
-EXACT = AnchorSampling(batch=None, transform=None)
+EXACT = AnchorSampling(batch=None, transform=None, outputs=None)
 
 
 def blobs(n_per_class: int, classes, seed: int):
@@ -216,8 +216,8 @@ def test_one_step_moves_held_out_predictions_far_less_than_sgd(task):
     fip_change = held_out_change(net_fip, base, task["test_a"])
     sgd_change = held_out_change(net_sgd, base, task["test_a"])
     assert fip_change < sgd_change / 5, (fip_change, sgd_change)
-    info = opt.last_info[0]
-    assert info.accepted and not info.shrunk and info.scale == 1.0
+    info = opt.last_info[0]  # the default growth rule may halve a first step
+    assert info.accepted and 0 < info.scale <= 1 and info.shrunk == (info.scale < 1)
     assert 0 < info.kept_fraction < 1
 
 
@@ -438,6 +438,62 @@ def test_drift_budget_is_respected(task):
     assert opt.anchor_drift().divergence > budget
 
 
+def test_growth_rule_takes_the_longest_halving_within_rho_times_the_last_drift(task):
+    """With ``DriftGuard(growth=rho, floor=phi)`` each step takes the largest share 2^-k of the
+    secondary step whose held-out drift is at most rho * (the last step's drift) + phi * S,
+    S the spread of the frozen fit outputs (or 2^-max_backtracks); no pull-back here, so
+    the move is that share of the secondary step alone."""
+    rho, phi = 1.05, 1e-4
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        lr=0.5,
+        anchors=EXACT,
+        pullback=PullBack(strength=0.0),
+        guard=DriftGuard(growth=rho, floor=phi, max_backtracks=8),
+    )
+    y0 = opt.anchor.fit_outputs
+    spread = float(0.5 * (y0 - y0.mean(0)).pow(2).sum(1).mean())
+    last, halved = 0.0, 0
+    for _ in range(12):
+        opt.zero_grad()
+        new_task_backward(net, task)
+        w = flat(net)
+        opt.step()
+        info = opt.last_info[0]
+        allowed = rho * last + phi * spread
+        move = flat(net) - w
+        assert info.drift.divergence == pytest.approx(opt.anchor_drift().divergence, rel=1e-12)
+        if info.scale > 2.0**-8:
+            assert info.drift.divergence <= allowed
+        if info.scale < 1:  # the step twice as long broke the rule
+            halved += 1
+            assert info.shrunk
+            assert opt.anchor_drift(w=w + 2 * move).divergence > allowed
+        last = info.drift.divergence
+    assert halved > 0  # the rule was binding, so this test can fail
+
+
+def test_without_a_growth_rule_no_step_is_halved(task):
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        lr=0.5,
+        anchors=EXACT,
+        pullback=PullBack(strength=0.0),
+        guard=DriftGuard(),
+    )
+    for _ in range(12):
+        opt.zero_grad()
+        new_task_backward(net, task)
+        opt.step()
+        assert opt.last_info[0].scale == 1.0 and not opt.last_info[0].shrunk
+
+
 # --------------------------------------------------------------------- state
 @pytest.mark.parametrize("mode", ["natural", "penalty", "transform", "batch"])
 def test_state_dict_round_trip_reproduces_next_step(task, mode):
@@ -653,6 +709,8 @@ def test_group_with_foreign_parameter_is_rejected(task):
             "momentum",
         ),
         (lambda net, x: DriftGuard(budget=0.0), "budget"),
+        (lambda net, x: DriftGuard(growth=0.5), "growth"),
+        (lambda net, x: DriftGuard(floor=-1.0), "floor"),
         (lambda net, x: PullBack(strength=2.0), "strength"),
         (lambda net, x: AnchorSampling(holdout_fraction=1.0), "holdout_fraction"),
         (
@@ -737,7 +795,7 @@ def test_fip_on_a_mixed_precision_manifold_steps_in_its_precision(task):
         net = copy.deepcopy(task["net"]).float()
         space = WeightSpace(PullbackMetric.from_module(net, x, damping=0.1, precision=precision))
         p = flat_parameter(net, space)
-        opt = FIP([p], lr=0.1)
+        opt = FIP([p], lr=0.1, guard=DriftGuard())  # no halving decision to flip
         assert opt.step_metric(0, x, 0.1).precision is precision
         for _ in range(3):
             opt.zero_grad()

@@ -70,7 +70,8 @@ class PathStepInfo:
     accepted : bool
         Whether any of the secondary step was taken.
     shrunk : bool
-        Whether the drift budget shrank or refused the secondary step.
+        Whether a rule of the :class:`DriftGuard` (growth or budget) shrank or refused the
+        secondary step.
     scale : float
         :math:`\\alpha`, the share of the secondary step taken (1, 1/2, ..., or 0).
     step_norm : float
@@ -109,6 +110,7 @@ class _Group:
 
     def __init__(self, flat: FlatModule, anchor: Anchor, param: torch.Tensor | None = None):
         self.flat, self.anchor, self.param = flat, anchor, param
+        self.spread: float | None = None  # of the frozen outputs, once needed
         self.key = param if param is not None else flat.parameters()[0]
 
     def read(self) -> torch.Tensor:
@@ -313,13 +315,25 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
 
     def _guarded_move(self, gi, w, secondary, correction):
         """The accepted point, its drift, the share ``scale`` of the secondary step taken, and
-        whether the budget shrank it (see :class:`DriftGuard`); nothing is written."""
-        budget, scale, shrunk = self.guard.budget, 1.0, False
+        whether a rule of the guard shrank it (see :class:`DriftGuard`); nothing is written."""
+        guard, state = self.guard, self.state[self._groups[gi].key]
+        budget, scale, shrunk = guard.budget, 1.0, False
         new_w = w + secondary + correction
         drift = self.anchor_drift(gi, new_w)
+        if guard.growth is not None:
+            before = state.get("drift")
+            if before is None:  # the first step (or a state saved without it)
+                before = self.anchor_drift(gi, w).divergence
+            allowed = guard.growth * before + guard.floor * self._output_spread(gi)
+            for _ in range(guard.max_backtracks):
+                if drift.divergence <= allowed:
+                    break
+                scale, shrunk = 0.5 * scale, True
+                new_w = w + scale * secondary + correction
+                drift = self.anchor_drift(gi, new_w)
         if budget is not None and drift.divergence > budget:
             shrunk = True
-            for _ in range(self.guard.max_backtracks):
+            for _ in range(guard.max_backtracks):
                 scale *= 0.5
                 new_w = w + scale * secondary + correction
                 drift = self.anchor_drift(gi, new_w)
@@ -332,6 +346,16 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
                 if drift.divergence >= now.divergence:
                     new_w, drift = w, now
         return new_w, drift, scale, shrunk
+
+    def _output_spread(self, gi: int) -> float:
+        r""":math:`S = \tfrac1{2N}\sum_b \|e(y^0_b) - \bar e\|^2`, the spread of group ``gi``'s
+        embedded frozen outputs on the fit anchors (the unit of :attr:`DriftGuard.floor`)."""
+        group = self._groups[gi]
+        if group.spread is None:
+            y0 = group.anchor.fit_outputs
+            e = self.output_metric.embed(y0).reshape(len(y0), -1)
+            group.spread = float(0.5 * (e - e.mean(0)).pow(2).sum(1).mean())
+        return group.spread
 
     # ------------------------------------------------------------------ step
     def step(self, closure=None):
@@ -408,6 +432,7 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
             x, y0 = self._step_anchors(group)
             secondary, correction, diag = self._direction(gi, param_group, state, w, grad, x, y0)
             new_w, drift, scale, shrunk = self._guarded_move(gi, w, secondary, correction)
+            state["drift"] = drift.divergence
         except Exception:  # a step that fails part-way leaves no trace either
             restore()
             raise
