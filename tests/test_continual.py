@@ -313,7 +313,7 @@ def test_fip_config_with_an_anchor_transform_is_json():
     config = FIPMethod(anchors=AnchorSampling(transform=GaussianNoise(0.3)), damping=0.1).config()
     assert json.loads(json.dumps(config)) == {
         "lr_scale": 1.0,
-        "anchors": "AnchorSampling(batch=32, transform=GaussianNoise(std=0.3), outputs=None, "
+        "anchors": "AnchorSampling(batch=32, transform=GaussianNoise(std=0.3), outputs=2, "
         "holdout_fraction=0.2, seed=0)",
         "damping": 0.1,
     }

@@ -15,7 +15,7 @@ from manifolds.kronecker_metric import KroneckerMetric
 from manifolds.layer_jacobian import module_jacobian
 from riemfip.optim import FIP, AnchorSampling, Kronecker, PullBack
 
-EXACT = AnchorSampling(batch=None, transform=None, holdout_fraction=0.0)
+EXACT = AnchorSampling(batch=None, transform=None, outputs=None, holdout_fraction=0.0)
 
 
 def flat(net):

@@ -32,8 +32,10 @@ optimizer was built (:math:`F(w_0)`). One step is
   :math:`\eta\max(\|\nabla L\|, \|J^\top(F(w) - F(w_0))\|)`, a gradient step on the secondary
   loss or on the drift (a trust region: where the outputs saturate, e.g. softmax metrics,
   the first-order pull-back can be arbitrarily long);
-* :math:`\alpha \in (0, 1]` is 1 unless the drift budget shrinks the step
-  (:class:`~riemfip.optim.policies.DriftGuard`); the retraction is :math:`R_w(v) = w + v`.
+* :math:`\alpha \in (0, 1]` is the largest of :math:`1, \tfrac12, \dots` whose step keeps
+  the held-out drift within :math:`1.5\times` the last step's (a line search on the drift,
+  :class:`~riemfip.optim.policies.DriftGuard`'s growth rule, FIP's default), or that a
+  drift budget allows; the retraction is :math:`R_w(v) = w + v`.
 
 Both solves use the Jacobian at the *current* weights, in the output space
 (:class:`~manifolds.gram.OutputGram`: :math:`JJ^\top + \lambda I` factored by Cholesky), on the
@@ -114,7 +116,9 @@ class FIP(PathOptimizer):
     pullback : PullBack, optional
         Strength of the pull-back toward the frozen outputs (full by default).
     guard : DriftGuard, optional
-        Drift budget (none by default; drift is measured every step regardless).
+        What the held-out drift may do (default ``DriftGuard(growth=1.5)``: a step that would
+        multiply it by more than 1.5 is halved, the first step held to 5e-5 of the anchor
+        outputs' spread; no budget). Drift is measured every step regardless.
     curvature : Kronecker, optional
         The anchor metric of the direction: ``None`` (default) the exact one of each step's
         anchors; :class:`~riemfip.optim.Kronecker` its Kronecker-factored approximation,
@@ -181,6 +185,7 @@ class FIP(PathOptimizer):
             damping=check_number("damping", damping, low=0, low_open=True),
             momentum=check_number("momentum", momentum, low=0, high=0.999),
         )
+        guard = DriftGuard(growth=1.5) if guard is None else guard
         self.pullback = PullBack() if pullback is None else pullback
         if not isinstance(self.pullback, PullBack):
             raise TypeError(f"pullback must be a PullBack, got {type(self.pullback).__name__}")
