@@ -11,7 +11,10 @@ The optimizers, each built from its public constructor only:
     other option at its default (so this measures whatever FIP is current).
 ``fip-sketch``
     The same with ``anchors=AnchorSampling(outputs=2)``: two random output directions per
-    anchor per step instead of all of them (the cheap setting).
+    anchor per step instead of all of them (the default since issue 9's growth rule).
+``fip-previous``
+    The defaults before that: ``anchors=AnchorSampling(outputs=None), guard=DriftGuard()``
+    (every output of each anchor, no growth rule).
 ``fip-kfac``, ``fip-kfac-lazy``, ``fip-kfac-ekfac-r5``, ``fip-kfac-p2-r20``, ...
     The same with ``curvature=Kronecker(...)``: the Kronecker-factored anchor metric of a
     step's anchors, refreshed every 10 steps (``-rN``: every N) with the per-step
@@ -97,7 +100,12 @@ MODEL_LABELS = {
     "vgg16": "VGG16-CIFAR, 3x32x32",
     "resnet18": "ResNet-18, 3x32x32",
 }
-METHOD_LABELS = {"fip": "FIP (defaults)", "fip-sketch": "FIP (outputs=2)", "gpm": "GPM"}
+METHOD_LABELS = {
+    "fip": "FIP (defaults)",
+    "fip-sketch": "FIP (outputs=2)",
+    "fip-previous": "FIP (defaults before the growth rule)",
+    "gpm": "GPM",
+}
 METHOD_LABELS |= {
     f"fip-kfac{ekfac}{lazy}{r}": (
         f"FIP (Kronecker{', EKFAC' if ekfac else ''}"
@@ -174,10 +182,14 @@ def build_optimizer(method: str, net, x_old):
 
     if method == "sgd":
         return torch.optim.SGD(net.parameters(), lr=LR)
-    if method in ("fip", "fip-sketch") or method.startswith("fip-kfac"):
-        from riemfip.optim import FIP, AnchorSampling, Kronecker
+    if method in ("fip", "fip-sketch", "fip-previous") or method.startswith("fip-kfac"):
+        from riemfip.optim import FIP, AnchorSampling, DriftGuard, Kronecker
 
-        options = {"anchors": AnchorSampling(outputs=2)} if method == "fip-sketch" else {}
+        options = {
+            "fip": {},
+            "fip-sketch": {"anchors": AnchorSampling(outputs=2)},
+            "fip-previous": {"anchors": AnchorSampling(outputs=None), "guard": DriftGuard()},
+        }.get(method, {})
         if method.startswith("fip-kfac"):
             options = {"curvature": Kronecker(**kronecker_options(method))}
         return FIP(net.parameters(), model=net, anchor_inputs=x_old, **options)

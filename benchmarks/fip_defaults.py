@@ -11,14 +11,15 @@ runs for the same steps (same batches, same order) for every method:
   nothing else set, on the same cross-entropy; the anchors are 50 training inputs per old
   class (250), without labels;
 * other FIP settings for comparison (``--variants``; each on the problems named in
-  ``VARIANTS``): ``sketched`` (``anchors=AnchorSampling(outputs=2)``, the cheaper sketched
-  constraint), ``exact`` (``anchors=AnchorSampling(batch=None, transform=None)``: every fit
-  anchor, the points only, every step; MLPs only, it costs 0.55 s a step on the CNNs),
-  ``damping=1``, ``all-sketched`` (every fit anchor each step, sketched to 2 outputs),
-  ``all-sketched-lr0.1`` and ``sketched-lr0.07`` (the settings found closest to the targets
-  on MNIST); and any ``--setting NAME=KWARGS`` (a Python dict of FIP keyword arguments,
-  evaluated with :mod:`riemfip.optim`'s names, the stored inputs ``anchors`` and
-  fine-tuning's chosen ``ft_lr`` in scope; ``NAME@P1,P2=...`` for some problems only).
+  ``VARIANTS``): ``previous`` (the defaults before issue 9's growth rule and two-output
+  sketch: ``anchors=AnchorSampling(outputs=None), guard=DriftGuard()``), ``no-growth``
+  (``guard=DriftGuard()``: the sketch without the growth rule), ``exact``
+  (``anchors=AnchorSampling(batch=None, transform=None, outputs=None)``: every fit anchor,
+  the points only, every output, every step; MLPs only, it costs 0.55 s a step on the CNNs),
+  ``damping=1``, ``all-sketched`` (every fit anchor each step), ``all-sketched-lr0.1``; and
+  any ``--setting NAME=KWARGS`` (a Python dict of FIP keyword arguments, evaluated with
+  :mod:`riemfip.optim`'s names, the stored inputs ``anchors`` and fine-tuning's chosen
+  ``ft_lr`` in scope; ``NAME@P1,P2=...`` for some problems only).
 
 Targets (issue 9, item 2), per seed: the old task within 3 points of its accuracy before
 task B, and the new task at least 95% of fine-tuning's new-task accuracy (same seed).
@@ -75,7 +76,7 @@ import riemfip.optim as ro
 from riemfip.applications.classifiers import mlp
 from riemfip.data import digits, mnist_subset
 from riemfip.networks import lenet5
-from riemfip.optim import FIP, AnchorSampling
+from riemfip.optim import FIP, AnchorSampling, DriftGuard
 
 OLD, NEW = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 NAN = float("nan")
@@ -139,19 +140,24 @@ ISSUE_PROBLEMS = [name for name in PROBLEMS if name != "bn-cnn-digits"]
 #: name -> (FIP keyword arguments, problems it runs on by default)
 VARIANTS = {
     "defaults": ({}, ALL),
-    # the cheaper sketched constraint: 2 random output directions per anchor
-    "sketched": ({"anchors": AnchorSampling(outputs=2)}, ALL),
-    # every fit anchor, the points only, every step (the exact per-step FIP)
-    "exact": ({"anchors": AnchorSampling(batch=None, transform=None)}, {"mlp-mnist", "mlp-digits"}),
+    # the defaults before the growth rule and the two-output sketch (all C outputs per anchor,
+    # no guard)
+    "previous": ({"anchors": AnchorSampling(outputs=None), "guard": DriftGuard()}, ALL),
+    # the two-output sketch without the growth rule
+    "no-growth": ({"guard": DriftGuard()}, ALL),
+    # every fit anchor, the points only, every output, every step (the exact per-step FIP)
+    "exact": (
+        {"anchors": AnchorSampling(batch=None, transform=None, outputs=None)},
+        {"mlp-mnist", "mlp-digits"},
+    ),
     # a softer metric: damping 1 instead of 1e-2 (relative to the metric's mean eigenvalue)
     "damping=1": ({"damping": 1.0}, ALL),
     # every fit anchor each step (with its ScaledNoise neighbourhood), sketched to 2 outputs
-    "all-sketched": ({"anchors": AnchorSampling(batch=None, outputs=2)}, {"mlp-mnist"}),
+    "all-sketched": ({"anchors": AnchorSampling(batch=None)}, {"mlp-mnist"}),
     "all-sketched-lr0.1": (
-        {"lr": 0.1, "anchors": AnchorSampling(batch=None, outputs=2)},
+        {"lr": 0.1, "anchors": AnchorSampling(batch=None)},
         {"mlp-mnist", "lenet5-mnist"},
     ),
-    "sketched-lr0.07": ({"lr": 0.07, "anchors": AnchorSampling(outputs=2)}, {"lenet5-mnist"}),
 }
 
 
