@@ -154,7 +154,9 @@ class DriftGuard:
       the spread of the embedded frozen outputs on the fit anchors, so :math:`\\phi` is
       relative to how far apart the anchors' own outputs lie. Drift that grows a little each
       step (learning the new task) passes; a jump, a step too long for the first-order
-      constraint or the new loss's own overshoot, is cut back;
+      constraint or the new loss's own overshoot, is cut back. The rule chooses steps by
+      the held-out drift, so that drift is no longer an untouched estimate of the drift
+      elsewhere (a budget uses it the same way); data the optimizer never sees is;
     * **budget**: a step whose drift exceeds ``budget`` is halved up to ``max_backtracks``
       times; if it still exceeds it, only the pull-back toward the frozen outputs is taken
       (when that lowers the drift), else the weights stay put, and the step's info says the
