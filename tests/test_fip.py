@@ -438,6 +438,19 @@ def test_drift_budget_is_respected(task):
     assert opt.anchor_drift().divergence > budget
 
 
+def unpulled_fip(net, task, guard: DriftGuard) -> FIP:
+    """The exact per-step FIP at lr 0.5 without pull-back: a step is the secondary step alone."""
+    return FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        lr=0.5,
+        anchors=EXACT,
+        pullback=PullBack(strength=0.0),
+        guard=guard,
+    )
+
+
 def test_growth_rule_takes_the_longest_halving_within_rho_times_the_last_drift(task):
     """With ``DriftGuard(growth=rho, floor=phi)`` each step takes the largest share 2^-k of the
     secondary step whose held-out drift is at most rho * (the last step's drift) + phi * S,
@@ -445,15 +458,7 @@ def test_growth_rule_takes_the_longest_halving_within_rho_times_the_last_drift(t
     the move is that share of the secondary step alone."""
     rho, phi = 1.05, 1e-4
     net = copy.deepcopy(task["net"])
-    opt = FIP(
-        net.parameters(),
-        model=net,
-        anchor_inputs=task["anchors"],
-        lr=0.5,
-        anchors=EXACT,
-        pullback=PullBack(strength=0.0),
-        guard=DriftGuard(growth=rho, floor=phi, max_backtracks=8),
-    )
+    opt = unpulled_fip(net, task, DriftGuard(growth=rho, floor=phi, max_backtracks=8))
     y0 = opt.anchor.fit_outputs
     spread = float(0.5 * (y0 - y0.mean(0)).pow(2).sum(1).mean())
     last, halved = 0.0, 0
@@ -478,15 +483,7 @@ def test_growth_rule_takes_the_longest_halving_within_rho_times_the_last_drift(t
 
 def test_without_a_growth_rule_no_step_is_halved(task):
     net = copy.deepcopy(task["net"])
-    opt = FIP(
-        net.parameters(),
-        model=net,
-        anchor_inputs=task["anchors"],
-        lr=0.5,
-        anchors=EXACT,
-        pullback=PullBack(strength=0.0),
-        guard=DriftGuard(),
-    )
+    opt = unpulled_fip(net, task, DriftGuard())
     for _ in range(12):
         opt.zero_grad()
         new_task_backward(net, task)
