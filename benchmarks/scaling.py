@@ -14,9 +14,9 @@ watchdog; a row over it keeps the phases it finished and says so):
    repeat; the ratio of a row is the median over repeats of the ratio within a repeat.
 2. ``fip``: time(FIP step) / time(SGD step), FIP at its defaults, the rows of
    ``fip_cost.py`` (same child, same protocol, same 250 stored old-task inputs) at
-   batch 32 for every model and VGG16 at the other batch sizes. The stored rows of
-   ``results/fip_cost_defaults_{small,large}.json`` (batches 64-256, no VGG16) join the
-   table, marked with their date.
+   batch 32 for every model and VGG16 at the other batch sizes. The stored ``fip`` rows of
+   ``results/fip_cost_growth.json`` (FIP's current defaults, batches 64-256, no VGG16) join
+   the table, marked with their date.
 3. ``growth``: log-log least-squares slopes of the fwd+bwd, matvec, SGD-step and
    FIP-step times against the parameter count :math:`n` (MLPs 784-h-h-10, h = 64 ...
    1024, batch 128) and against the batch size :math:`m` (MLP and LeNet-5, m = 32 ...
@@ -65,8 +65,7 @@ from fip_cost import ROOT  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "scaling.json"
 STORED = [
-    ROOT / "benchmarks" / "results" / "fip_cost_defaults_small.json",
-    ROOT / "benchmarks" / "results" / "fip_cost_defaults_large.json",
+    ROOT / "benchmarks" / "results" / "fip_cost_growth.json",
 ]
 MODELS = ["mlp", "lenet5", "vgg11", "vgg16", "resnet18"]
 LABELS = dict(fip_cost.MODEL_LABELS)
