@@ -49,7 +49,14 @@ def start(*args, env: dict | None = None) -> subprocess.Popen:
         # One thread: on a shared 2-core machine, idle OpenMP threads spin and multiply the
         # CPU time of these small networks.
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        # Ctrl-C as a terminal would deliver it, even when the suite itself runs as a
+        # background job (whose children inherit SIGINT ignored, and Python then keeps it so)
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def riemfip(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
