@@ -266,12 +266,9 @@ class FIP(PathOptimizer):
         pulled = jac.vjp(z)  # J^T z1, J^T z2
         direction = grad - pulled[0]
         secondary = -lr * direction
-        correction = -self.pullback.strength * pulled[1]
         drift_gradient = float(torch.dot(residual, gram.matrix @ residual).clamp_min(0).sqrt())
         cap = lr * max(float(grad.norm()), drift_gradient)  # |J^T r| = sqrt(r^T K r)
-        cnorm = float(correction.norm())
-        if cnorm > cap > 0:
-            correction = correction * (cap / cnorm)
+        correction = self.pullback.correction(pulled[1], cap)
         pullback = self.pullback
         if (
             pullback.all_anchors

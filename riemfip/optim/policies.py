@@ -138,6 +138,14 @@ class PullBack:
         object.__setattr__(self, "all_anchors", bool(self.all_anchors))
         object.__setattr__(self, "every", int(check_number("every", self.every, low=1)))
 
+    def correction(self, gauss_newton: torch.Tensor, cap: float) -> torch.Tensor:
+        r"""The pull-back :math:`-\gamma p` of a Gauss–Newton step :math:`p` toward the frozen
+        outputs, its length capped at ``cap`` (a trust region: the path optimizer passes
+        :math:`\eta\max(\|\nabla L\|, \|J^\top r\|)`; no cap when it is 0)."""
+        step = -self.strength * gauss_newton
+        norm = float(step.norm())
+        return step * (cap / norm) if norm > cap > 0 else step
+
 
 @dataclass(frozen=True)
 class DriftGuard:
