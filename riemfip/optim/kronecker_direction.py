@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
+from manifolds.jacobian import AutogradJacobian, JacobianOperator
 from manifolds.kronecker_eigenbasis import eigenbasis_metric
 from manifolds.kronecker_metric import KroneckerMetric
 from manifolds.layer_jacobian import FactoredJacobian
@@ -114,7 +115,7 @@ def anchors_needed(policy: Kronecker, state: dict, pullback) -> bool:
     return every is not None and since % every == 0 and pullback.strength > 0
 
 
-def _line_searched(p: torch.Tensor, residual: torch.Tensor, jvp) -> torch.Tensor:
+def _line_searched(p: torch.Tensor, residual: torch.Tensor, jac: JacobianOperator) -> torch.Tensor:
     r""":math:`\alpha p` for the Kronecker Gauss–Newton step :math:`p = (\hat g + \lambda I)^{-1}
     J^\top r`, :math:`\alpha = \min(1, r^\top Jp / \|Jp\|^2)` (at least 0): the exact line
     search on :math:`\tfrac12\|r - \alpha Jp\|^2`, capped at the full step. With the
@@ -122,7 +123,7 @@ def _line_searched(p: torch.Tensor, residual: torch.Tensor, jvp) -> torch.Tensor
     :math:`r^\top Jp = r^\top K(K + \lambda)^{-1} r \ge \|Jp\|^2`; with an approximate one
     the full step can overshoot by orders of magnitude along directions :math:`\hat g`
     underestimates (one forward-mode pass over the step's anchors, free on a refresh)."""
-    jp = jvp(p)
+    jp = jac.jvp(p[None])[0]
     denom = float(jp.pow(2).sum())
     alpha = min(1.0, max(0.0, float(torch.dot(residual, jp)) / denom)) if denom > 0 else 0.0
     return alpha * p
@@ -134,11 +135,10 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
     that needs no anchors (:func:`anchors_needed`)."""
     policy: Kronecker = opt.curvature
     lr, lam = param_group["lr"], state["damping"]
-    pulled = residual = jvp = None
+    pulled = residual = jac = None
     if x is not None:
         seen = opt.step_output_metric(x, y0)
         metric = opt.step_metric(gi, x, lam, seen)
-        target = seen.embed_samples(y0)
         if refresh_due(policy, state):
             jac = metric.jacobian_operator(w)  # factored where the layers allow it
             if not isinstance(jac, FactoredJacobian):
@@ -148,16 +148,11 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
                 )
             state["kronecker"] = eigenbasis_metric(jac, policy.corrected)
             state["kronecker_step"] = state["step"]
-            residual = jac.embedded - target
-            pulled = jac.vjp(residual[None])[0]
-            jvp = lambda v: jac.jvp(v[None])[0]  # noqa: E731
         elif opt.pullback.strength > 0:
-            with torch.enable_grad():  # J^T r by one forward and one backward pass
-                wp = w.detach().requires_grad_(True)
-                embedded = metric.embed(wp)
-                residual = embedded.detach() - target
-                (pulled,) = torch.autograd.grad(embedded, wp, residual)
-            jvp = lambda v: torch.func.jvp(metric.embed, (w,), (v,))[1]  # noqa: E731
+            jac = AutogradJacobian(metric.embed, w)  # J^T r by one forward and one backward pass
+        if jac is not None:
+            residual = jac.embedded - seen.embed_samples(y0)
+            pulled = jac.vjp(residual[None])[0]
     kfac: KroneckerMetric = state["kronecker"]
     rhs = grad[None] if pulled is None else torch.stack([grad, pulled])
     solved = kfac.solve(rhs, lam)
@@ -166,11 +161,8 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
     grad_norm = float(grad.norm())
     correction = torch.zeros_like(w)
     if pulled is not None and opt.pullback.strength > 0:
-        correction = -opt.pullback.strength * _line_searched(solved[1], residual, jvp)
         cap = lr * max(grad_norm, float(pulled.norm()))
-        cnorm = float(correction.norm())
-        if cnorm > cap > 0:
-            correction = correction * (cap / cnorm)
+        correction = opt.pullback.correction(_line_searched(solved[1], residual, jac), cap)
     pullback = opt.pullback
     if pullback.all_anchors and pullback.strength > 0 and state["step"] % pullback.every == 0:
         moved = w + secondary + correction
