@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from dense_reference import flat_weights
 from torch import nn
 
 from manifolds import PullbackMetric
@@ -16,10 +17,6 @@ from manifolds.layer_jacobian import module_jacobian
 from riemfip.optim import FIP, AnchorSampling, Kronecker, PullBack
 
 EXACT = AnchorSampling(batch=None, transform=None, outputs=None, holdout_fraction=0.0)
-
-
-def flat(net):
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
 def linear_task(d_in: int, n: int, seed: int = 0):
@@ -59,13 +56,13 @@ def test_on_one_linear_layer_the_kronecker_direction_is_the_exact_natural_direct
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
     for _ in range(3):
-        w = flat(net)
+        w = flat_weights(net)
         opt.zero_grad()
         nn.functional.cross_entropy(net(xb), yb).backward()
         grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
         expected = opt.natural_direction(w, grad)
         opt.step()
-        assert torch.allclose(flat(net) - w, -0.3 * expected, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(flat_weights(net) - w, -0.3 * expected, rtol=1e-9, atol=1e-12)
         assert abs(opt.last_info[0].kept_fraction - float(expected.norm() / grad.norm())) < 1e-9
     (block,) = opt.state[net.weight]["kronecker"].blocks
     assert block.u_a.shape == (d_in + 1, min(n, d_in + 1))  # thin: from the anchors' Gram
@@ -82,7 +79,7 @@ def test_on_one_linear_layer_the_kronecker_route_takes_the_exact_fip_step_with_p
     for _ in range(6):
         step_on(net, kfac, xb, yb)
         step_on(exact_net, exact, xb, yb)
-        assert torch.allclose(flat(net), flat(exact_net), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(flat_weights(net), flat_weights(exact_net), rtol=1e-9, atol=1e-12)
     assert kfac.last_info[0].correction_norm > 0
     assert kfac.last_info[0].drift.divergence == pytest.approx(
         exact.last_info[0].drift.divergence, rel=1e-8
@@ -272,4 +269,4 @@ def test_state_dict_round_trip_reproduces_the_next_steps():
     for _ in range(4):
         step_on(net, opt, xb, yb)
         step_on(resumed_net, resumed, xb, yb)
-        assert torch.equal(flat(net), flat(resumed_net))
+        assert torch.equal(flat_weights(net), flat_weights(resumed_net))
