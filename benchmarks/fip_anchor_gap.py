@@ -57,19 +57,12 @@ def drift(net, x: torch.Tensor, y0: torch.Tensor) -> tuple[float, float]:
 
 def run(problem_name: str, seed: int) -> dict:
     problem = fd.PROBLEMS[problem_name]
-    ds = fd.load(problem)
-    old_tr = torch.isin(ds.y_train, torch.tensor(fd.OLD))
-    old_te = torch.isin(ds.y_test, torch.tensor(fd.OLD))
-    xa, ya = ds.x_train[old_tr], ds.y_train[old_tr]
-    xb, yb = ds.x_train[~old_tr], ds.y_train[~old_tr]
+    (xa, ya), (xb, yb), tests = fd.split_tasks(fd.load(problem))
     torch.manual_seed(seed)
     net_a = problem.build()
     fd.train_task_a(net_a, xa, ya, epochs=problem.epochs_a, batch=64, seed=seed)
-    gen = torch.Generator().manual_seed(10_000 + seed)  # the stored inputs of fip_defaults.py
-    anchors = torch.cat(
-        [xa[ya == c][torch.randperm(int((ya == c).sum()), generator=gen)[:50]] for c in fd.OLD]
-    )
-    rows = {"before": fd.accuracy(net_a, ds.x_test[old_te], ds.y_test[old_te])}
+    anchors = fd.stored_inputs(xa, ya, seed, 50)
+    rows = {"before": fd.accuracy(net_a, *tests["old"])}
     for label, options in SETTINGS.items():
         net, made = copy.deepcopy(net_a), {}
 
@@ -82,8 +75,8 @@ def run(problem_name: str, seed: int) -> dict:
         fit = drift(net, anchor.fit_inputs, anchor.fit_outputs)
         held = drift(net, anchor.holdout_inputs, anchor.holdout_outputs)
         rows[label] = {
-            "old": fd.accuracy(net, ds.x_test[old_te], ds.y_test[old_te]),
-            "new": fd.accuracy(net, ds.x_test[~old_te], ds.y_test[~old_te]),
+            "old": fd.accuracy(net, *tests["old"]),
+            "new": fd.accuracy(net, *tests["new"]),
             "fit_drift": fit[0],
             "fit_agreement": fit[1],
             "holdout_drift": held[0],

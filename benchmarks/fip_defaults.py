@@ -261,18 +261,36 @@ def sgd_maker(lr: float):
     return make
 
 
-def run_problem(name: str, args, variants: dict[str, dict]) -> dict:
-    """Every seed of one problem: task A, fine-tuning (grid on the first seed), FIP variants."""
-    problem = PROBLEMS[name]
-    ds = load(problem)
+def split_tasks(ds):
+    """``(task A train, task B train, test sets)``: task A the classes ``OLD``, task B the
+    rest, each an ``(x, y)`` pair; the test sets ``{"old": (x, y), "new": (x, y)}``."""
     old_tr = torch.isin(ds.y_train, torch.tensor(OLD))
     old_te = torch.isin(ds.y_test, torch.tensor(OLD))
-    xa, ya = ds.x_train[old_tr], ds.y_train[old_tr]
-    xb, yb = ds.x_train[~old_tr], ds.y_train[~old_tr]
     tests = {
         "old": (ds.x_test[old_te], ds.y_test[old_te]),
         "new": (ds.x_test[~old_te], ds.y_test[~old_te]),
     }
+    return (
+        (ds.x_train[old_tr], ds.y_train[old_tr]),
+        (ds.x_train[~old_tr], ds.y_train[~old_tr]),
+        tests,
+    )
+
+
+def stored_inputs(xa: torch.Tensor, ya: torch.Tensor, seed: int, per_class: int) -> torch.Tensor:
+    """The old task's memory of a seed: ``per_class`` training inputs of each class in ``OLD``,
+    drawn by a generator seeded ``10_000 + seed``, without labels."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    return torch.cat(
+        [xa[ya == c][torch.randperm(int((ya == c).sum()), generator=gen)[:per_class]] for c in OLD]
+    )
+
+
+def run_problem(name: str, args, variants: dict[str, dict]) -> dict:
+    """Every seed of one problem: task A, fine-tuning (grid on the first seed), FIP variants."""
+    problem = PROBLEMS[name]
+    ds = load(problem)
+    (xa, ya), (xb, yb), tests = split_tasks(ds)
 
     def evaluate(net) -> dict:
         return {k: accuracy(net, *v) for k, v in tests.items()}
@@ -300,13 +318,7 @@ def run_problem(name: str, args, variants: dict[str, dict]) -> dict:
             seed=seed,
             optimizer=args.task_a,
         )
-        gen = torch.Generator().manual_seed(10_000 + seed)
-        anchors = torch.cat(
-            [
-                xa[ya == c][torch.randperm(int((ya == c).sum()), generator=gen)[: args.per_class]]
-                for c in OLD
-            ]
-        )
+        anchors = stored_inputs(xa, ya, seed, args.per_class)
         row = {"before": evaluate(net_a)}
 
         def run(make_opt, net_a=net_a, seed=seed):
