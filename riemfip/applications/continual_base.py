@@ -81,13 +81,8 @@ class Memory:
                     f"task {task_id} has {len(idx)} training images of class {c}, "
                     f"fewer than memory_per_class={self.per_class}"
                 )
-            picks.append(
-                idx[
-                    torch.randperm(len(idx), generator=generator, device=generator.device)[
-                        : self.per_class
-                    ]
-                ]
-            )
+            order = torch.randperm(len(idx), generator=generator, device=generator.device)
+            picks.append(idx[order[: self.per_class]])
         idx = torch.cat(picks).to(task.y_train.device)
         x, y = task.x_train[idx], task.y_train[idx]
         tid = torch.full_like(y, task_id)
