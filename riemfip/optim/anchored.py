@@ -317,9 +317,14 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
         """The accepted point, its drift, the share ``scale`` of the secondary step taken, and
         whether a rule of the guard shrank it (see :class:`DriftGuard`); nothing is written."""
         guard, state = self.guard, self.state[self._groups[gi].key]
-        budget, scale, shrunk = guard.budget, 1.0, False
-        new_w = w + secondary + correction
-        drift = self.anchor_drift(gi, new_w)
+        budget, shrunk = guard.budget, False
+
+        def move(scale: float):
+            new_w = w + scale * secondary + correction
+            return new_w, self.anchor_drift(gi, new_w)
+
+        scale = 1.0
+        new_w, drift = move(scale)
         if guard.growth is not None:
             before = state.get("drift")
             if before is None:  # the first step (or a state saved without it)
@@ -329,19 +334,17 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
                 if drift.divergence <= allowed:
                     break
                 scale, shrunk = 0.5 * scale, True
-                new_w = w + scale * secondary + correction
-                drift = self.anchor_drift(gi, new_w)
+                new_w, drift = move(scale)
         if budget is not None and drift.divergence > budget:
             shrunk = True
             for _ in range(guard.max_backtracks):
                 scale *= 0.5
-                new_w = w + scale * secondary + correction
-                drift = self.anchor_drift(gi, new_w)
+                new_w, drift = move(scale)
                 if drift.divergence <= budget:
                     break
             if drift.divergence > budget:
                 scale, now = 0.0, self.anchor_drift(gi, w)
-                new_w = w + correction
+                new_w = w + correction  # the pull-back alone
                 drift = self.anchor_drift(gi, new_w)
                 if drift.divergence >= now.divergence:
                     new_w, drift = w, now
