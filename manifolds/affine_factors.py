@@ -64,25 +64,61 @@ def _sample_chunks(samples: int, per_sample: int) -> Iterator[tuple[int, int]]:
         yield lo, min(samples, lo + step)
 
 
-class LayerInputs:
-    """A Linear layer's inputs as patches: ``(N, T, d_in)``, ``T`` the product of the leading
-    dimensions between the sample axis and the features (1 for ``(N, d_in)`` inputs)."""
+class _AugmentedPatches:
+    r"""Augmented patches :math:`\tilde a = (a, 1)` of a layer, restricted to what the flat
+    vector holds (``weight``: the patches; ``bias``: the column of ones), read by sample
+    ranges as one contiguous ``(n, T, cols)`` tensor. Built once and kept whole when they fit
+    in :data:`CHUNK_ELEMENTS` (on first read), else built per range: the factor's products
+    then read contiguous memory, with no copy per product."""
 
-    def __init__(self, inputs: torch.Tensor):
-        self.inputs = inputs
-        self.samples, self.positions, self.width = inputs.shape
+    def __init__(
+        self, like: torch.Tensor, samples: int, positions: int, width: int, *, weight, bias
+    ):
+        self.like, self.weight, self.bias = like, weight, bias
+        self.samples, self.positions, self.width = samples, positions, width
+        self.cols = width * weight + bias
+        self._fits = samples * positions * self.cols <= CHUNK_ELEMENTS
+        self._whole: torch.Tensor | None = None
+
+    def _patches(self, lo: int, hi: int) -> torch.Tensor:
+        """The plain patches :math:`a` of samples ``lo:hi``, ``(hi - lo, T, width)``."""
+        raise NotImplementedError
+
+    def _build(self, lo: int, hi: int) -> torch.Tensor:
+        out = self.like.new_empty(hi - lo, self.positions, self.cols)
+        if self.weight:
+            out[..., : self.width] = self._patches(lo, hi)
+        if self.bias:
+            out[..., -1] = 1
+        return out
 
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        if not self._fits:
+            return self._build(lo, hi)
+        if self._whole is None:
+            self._whole = self._build(0, self.samples)
+        return self._whole[lo:hi]
+
+
+class LayerInputs(_AugmentedPatches):
+    """A Linear layer's augmented inputs as patches: ``(N, T, cols)``, ``T`` the product of
+    the leading dimensions between the sample axis and the features (1 for ``(N, d_in)``
+    inputs)."""
+
+    def __init__(self, inputs: torch.Tensor, *, weight: bool = True, bias: bool = True):
+        self.inputs = inputs
+        super().__init__(inputs, *inputs.shape, weight=weight, bias=bias)
+
+    def _patches(self, lo: int, hi: int) -> torch.Tensor:
         return self.inputs[lo:hi]
 
 
-class ConvPatches:
-    """A Conv2d layer's receptive fields, ``(N, T, C_in k_h k_w)`` with ``T`` output pixels,
-    unfolded on demand from the stored input ``(N, C_in, H, W)`` (kept whole when they fit in
-    :data:`CHUNK_ELEMENTS`); feature order ``(channel, kernel row, kernel column)``, that of
-    the flattened weight."""
+class ConvPatches(_AugmentedPatches):
+    """A Conv2d layer's augmented receptive fields, ``(N, T, cols)`` with ``T`` output pixels,
+    unfolded from the stored input ``(N, C_in, H, W)``; feature order ``(channel, kernel row,
+    kernel column)``, that of the flattened weight, then the bias's column of ones."""
 
-    def __init__(self, inputs: torch.Tensor, kernel_size, dilation, padding, stride):
+    def __init__(self, inputs, kernel_size, dilation, padding, stride, *, weight=True, bias=True):
         self.inputs = inputs
         self.options = {
             "kernel_size": kernel_size,
@@ -96,17 +132,13 @@ class ConvPatches:
                 inputs.shape[2:], kernel_size, dilation, padding, stride, strict=True
             )
         ]
-        self.samples = inputs.shape[0]
-        self.positions = sizes[0] * sizes[1]
-        self.width = inputs.shape[1] * kernel_size[0] * kernel_size[1]
-        whole = self.samples * self.positions * self.width <= CHUNK_ELEMENTS
-        self._whole = self._unfold(0, self.samples) if whole else None
+        width = inputs.shape[1] * kernel_size[0] * kernel_size[1]
+        super().__init__(
+            inputs, inputs.shape[0], sizes[0] * sizes[1], width, weight=weight, bias=bias
+        )
 
-    def _unfold(self, lo: int, hi: int) -> torch.Tensor:
+    def _patches(self, lo: int, hi: int) -> torch.Tensor:
         return F.unfold(self.inputs[lo:hi], **self.options).transpose(1, 2)
-
-    def __call__(self, lo: int, hi: int) -> torch.Tensor:
-        return self._whole[lo:hi] if self._whole is not None else self._unfold(lo, hi)
 
 
 class AffineFactor:
@@ -128,13 +160,7 @@ class AffineFactor:
 
     def _inputs(self, lo: int, hi: int) -> torch.Tensor:
         r"""Augmented patches :math:`\tilde a` of samples ``lo:hi``, restricted to what is held."""
-        hi = min(hi, self.deltas.shape[0])
-        parts = []
-        if self.slots.weight_at is not None:
-            parts.append(self.patches(lo, hi))
-        if self.slots.bias_at is not None:
-            parts.append(self.deltas.new_ones(hi - lo, self.deltas.shape[2], 1))
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        return self.patches(lo, min(hi, self.deltas.shape[0]))
 
     def gram_route(self) -> str:
         """``"rows"`` or ``"pairs"``, whichever builds :math:`K` in fewer multiply-adds."""
@@ -231,6 +257,11 @@ def _offsets(offsets: dict[str, int], group: int, d_out: int, width: int):
     return weight_at, bias_at
 
 
+def _held(slots: AffineSlots) -> dict[str, bool]:
+    r"""Which columns of :math:`[W \mid b]` the flat vector holds, as patch options."""
+    return {"weight": slots.weight_at is not None, "bias": slots.bias_at is not None}
+
+
 def linear_factors(
     layer: nn.Linear, offsets: dict[str, int], inputs: torch.Tensor, deltas: torch.Tensor
 ) -> list[AffineFactor] | None:
@@ -239,10 +270,10 @@ def linear_factors(
     if inputs.ndim < 2:
         return None
     n, c = deltas.shape[:2]
-    patches = LayerInputs(inputs.reshape(n, -1, layer.in_features))
     slots = AffineSlots(
         layer.out_features, layer.in_features, offsets.get("weight"), offsets.get("bias")
     )
+    patches = LayerInputs(inputs.reshape(n, -1, layer.in_features), **_held(slots))
     deltas = deltas.reshape(n, c, -1, layer.out_features).contiguous()
     return [AffineFactor(patches, deltas, slots)]
 
@@ -271,16 +302,18 @@ def conv2d_factors(
     d_out, c_in = conv.out_channels // groups, conv.in_channels // groups
     grouped = deltas.reshape(n, c, groups, d_out, -1)
     factors = []
+    width = c_in * conv.kernel_size[0] * conv.kernel_size[1]
     for g in range(groups):
+        slots = AffineSlots(d_out, width, *_offsets(offsets, g, d_out, width))
         patches = ConvPatches(
             inputs[:, g * c_in : (g + 1) * c_in],
             conv.kernel_size,
             conv.dilation,
             padding,
             conv.stride,
+            **_held(slots),
         )
         if patches.positions != grouped.shape[-1]:
             return None
-        slots = AffineSlots(d_out, patches.width, *_offsets(offsets, g, d_out, patches.width))
         factors.append(AffineFactor(patches, grouped[:, :, g].transpose(2, 3).contiguous(), slots))
     return factors
