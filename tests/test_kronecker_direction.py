@@ -68,22 +68,46 @@ def test_on_one_linear_layer_the_kronecker_direction_is_the_exact_natural_direct
     assert block.u_a.shape == (d_in + 1, min(n, d_in + 1))  # thin: from the anchors' Gram
 
 
-def test_on_one_linear_layer_the_kronecker_route_takes_the_exact_fip_step_with_pull_back():
+@pytest.mark.parametrize("batch", [None, 4], ids=["all-anchors", "batch"])
+def test_on_one_linear_layer_the_kronecker_route_takes_the_exact_fip_step_with_pull_back(batch):
     """With the pull-back on, -(A (x) G + lam I)^{-1} J^T r = -J^T (JJ^T + lam I)^{-1} r (push
-    through), so the whole step, capped the same way, is the exact route's, step after step."""
+    through), so the whole step, capped the same way, is the exact route's, step after step;
+    both take the all-anchor pull-back on the same steps: every second step with an anchor
+    batch, never without one (it changes the path only in the first case)."""
     net, anchors, xb, yb = linear_task(5, 24, seed=1)
-    exact_net = copy.deepcopy(net)
-    common = dict(lr=0.5, anchors=EXACT, momentum=0.5, pullback=PullBack(all_anchors=False))
-    kfac = FIP(net.parameters(), model=net, anchor_inputs=anchors, curvature=Kronecker(1), **common)
-    exact = FIP(exact_net.parameters(), model=exact_net, anchor_inputs=anchors, **common)
-    for _ in range(6):
-        step_on(net, kfac, xb, yb)
-        step_on(exact_net, exact, xb, yb)
-        assert torch.allclose(flat_weights(net), flat_weights(exact_net), rtol=1e-9, atol=1e-12)
-    assert kfac.last_info[0].correction_norm > 0
-    assert kfac.last_info[0].drift.divergence == pytest.approx(
-        exact.last_info[0].drift.divergence, rel=1e-8
-    )
+    start = copy.deepcopy(net)
+    sampling = AnchorSampling(batch=batch, transform=None, outputs=None, holdout_fraction=0.0)
+
+    def run(pullback, curvature=None):
+        model = copy.deepcopy(start)
+        opt = FIP(
+            model.parameters(),
+            lr=0.5,
+            model=model,
+            anchor_inputs=anchors,
+            anchors=sampling,
+            momentum=0.5,
+            pullback=pullback,
+            curvature=curvature,
+        )
+        path = []
+        for _ in range(6):
+            step_on(model, opt, xb, yb)
+            path.append(flat_weights(model))
+        return path, opt.last_info[0]
+
+    kfac, kfac_info = run(PullBack(every=2), Kronecker(1))
+    exact, exact_info = run(PullBack(every=2))
+    for a, b in zip(kfac, exact, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert kfac_info.correction_norm > 0
+    assert kfac_info.drift.divergence == pytest.approx(exact_info.drift.divergence, rel=1e-8)
+    without, _ = run(PullBack(all_anchors=False), Kronecker(1))
+    moved_by_all_anchors = float((without[-1] - kfac[-1]).norm())
+    if batch is None:
+        assert moved_by_all_anchors == 0.0
+    else:
+        assert moved_by_all_anchors > 1e-6
 
 
 def test_thin_factors_are_the_full_factors():

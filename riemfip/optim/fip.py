@@ -269,12 +269,7 @@ class FIP(PathOptimizer):
         drift_gradient = float(torch.dot(residual, gram.matrix @ residual).clamp_min(0).sqrt())
         cap = lr * max(float(grad.norm()), drift_gradient)  # |J^T r| = sqrt(r^T K r)
         correction = self.pullback.correction(pulled[1], cap)
-        pullback = self.pullback
-        if (
-            pullback.all_anchors
-            and self.sampling.batch is not None
-            and state["step"] % pullback.every == 0
-        ):
+        if self.pullback.all_anchors_due(state["step"], self.sampling.batch):
             # after this step's move, pull back on all fit anchors (not added to the batch's
             # pull-back at w: both would undo the same drift)
             moved = w + secondary + correction

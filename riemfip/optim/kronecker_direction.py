@@ -44,7 +44,8 @@ step's anchors:
   and backward pass and one forward-mode pass over the step's anchors. Without the line
   search the full step overshot by orders of magnitude along the directions that
   :math:`\hat g` underestimates, and every two-task benchmark diverged within ten steps;
-* every ``PullBack.every`` steps, FIP's Gauss–Newton Cauchy step on *all* fit anchors.
+* every ``PullBack.every`` steps, FIP's Gauss–Newton Cauchy step on *all* fit anchors
+  (with an anchor batch, as in the exact route: :meth:`PullBack.all_anchors_due`).
 
 The drift measurement and :class:`DriftGuard` are FIP's. Steps that neither refresh nor
 pull back draw no anchors at all.
@@ -164,7 +165,7 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
         cap = lr * max(grad_norm, float(pulled.norm()))
         correction = opt.pullback.correction(_line_searched(solved[1], residual, jac), cap)
     pullback = opt.pullback
-    if pullback.all_anchors and pullback.strength > 0 and state["step"] % pullback.every == 0:
+    if pullback.all_anchors_due(state["step"], opt.sampling.batch):
         moved = w + secondary + correction
         correction = correction - pullback.strength * opt._cauchy_pullback(gi, moved)
     return (

@@ -138,6 +138,14 @@ class PullBack:
         object.__setattr__(self, "all_anchors", bool(self.all_anchors))
         object.__setattr__(self, "every", int(check_number("every", self.every, low=1)))
 
+    def all_anchors_due(self, step: int, batch: int | None) -> bool:
+        """Whether step ``step`` (counted from 1) takes the all-anchor pull-back: only with
+        an anchor ``batch`` (without one every step already sees every fit anchor), a
+        nonzero ``strength``, every ``every`` steps."""
+        return (
+            self.all_anchors and batch is not None and self.strength > 0 and step % self.every == 0
+        )
+
     def correction(self, gauss_newton: torch.Tensor, cap: float) -> torch.Tensor:
         r"""The pull-back :math:`-\gamma p` of a Gauss–Newton step :math:`p` toward the frozen
         outputs, its length capped at ``cap`` (a trust region: the path optimizer passes
