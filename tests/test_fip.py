@@ -342,6 +342,35 @@ def test_correct_all_pulls_every_fit_anchor_back(task):
     assert drifts[1] < 0.9 * drifts[0] < 0.1 * before, (before, drifts)
 
 
+def test_the_profiler_sees_each_part_of_a_step_inside_it(task):
+    """A step runs its parts under profiler labels (benchmarks/fip_step_anatomy.py reads
+    them): each once per step, the all-anchor pull-back on the steps it is due (every
+    second one here), and the parts take no more time than the step that holds them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    net = copy.deepcopy(task["net"])
+    opt = FIP(
+        net.parameters(),
+        model=net,
+        anchor_inputs=task["anchors"],
+        anchors=AnchorSampling(batch=12),
+        pullback=PullBack(every=2),
+    )
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fip_on_new_task(net, opt, task, steps=4)
+    events = {e.key: e for e in prof.key_averages()}
+    step = events["Optimizer.step#FIP.step"]
+    assert step.count == 4
+    parts = ["riemfip.anchors", "riemfip.direction", "riemfip.drift_guard"]
+    for label in [*parts, "riemfip.step_jacobian"]:
+        assert events[label].count == 4, label
+    assert events["riemfip.all_anchor_pullback"].count == 2
+    assert sum(events[label].cpu_time_total for label in parts) <= step.cpu_time_total
+    inner = events["riemfip.step_jacobian"].cpu_time_total
+    inner += events["riemfip.all_anchor_pullback"].cpu_time_total
+    assert inner <= events["riemfip.direction"].cpu_time_total
+
+
 def test_neighbour_noise_moves_along_neighbour_differences(task):
     """NeighbourNoise (no isotropic part) moves each input within the span of its k nearest
     stored neighbours' differences from it, never toward a farther one, and by about

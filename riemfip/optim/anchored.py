@@ -27,6 +27,11 @@ where they were. :class:`PathOptimizer` holds everything but the direction of a 
   holds the same anchor inputs, weights and sampling seed, so every rank then takes the
   same step without further communication.
 
+Each step runs its parts under :func:`torch.autograd.profiler.record_function` labels
+(``riemfip.anchors``, ``riemfip.direction``, ``riemfip.drift_guard``; FIP adds
+``riemfip.step_jacobian`` and ``riemfip.all_anchor_pullback`` inside the direction), so
+:mod:`torch.profiler` shows where a step's time goes (``benchmarks/fip_step_anatomy.py``).
+
 Subclasses give :meth:`PathOptimizer._direction`.
 """
 
@@ -40,6 +45,7 @@ import geoopt
 import torch
 from geoopt.optim.mixin import OptimMixin
 from torch import nn
+from torch.autograd.profiler import record_function
 from torch.nn.modules.batchnorm import _NormBase
 
 from manifolds import PullbackMetric, WeightSpace
@@ -432,9 +438,14 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
         state["step"] += 1
         w = group.read()
         try:
-            x, y0 = self._step_anchors(group)
-            secondary, correction, diag = self._direction(gi, param_group, state, w, grad, x, y0)
-            new_w, drift, scale, shrunk = self._guarded_move(gi, w, secondary, correction)
+            with record_function("riemfip.anchors"):
+                x, y0 = self._step_anchors(group)
+            with record_function("riemfip.direction"):
+                secondary, correction, diag = self._direction(
+                    gi, param_group, state, w, grad, x, y0
+                )
+            with record_function("riemfip.drift_guard"):
+                new_w, drift, scale, shrunk = self._guarded_move(gi, w, secondary, correction)
             state["drift"] = drift.divergence
         except Exception:  # a step that fails part-way leaves no trace either
             restore()

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from manifolds import WeightSpace
 from manifolds.gram import OutputGram
@@ -257,9 +258,10 @@ class FIP(PathOptimizer):
             grad = buf
         if self.curvature is not None:
             return kronecker_step(self, gi, param_group, state, w, grad, x, y0)
-        seen = self.step_output_metric(x, y0)
-        gram = self.step_metric(gi, x, lam, seen).output_gram(w)
-        jac = gram.jacobian
+        with record_function("riemfip.step_jacobian"):
+            seen = self.step_output_metric(x, y0)
+            gram = self.step_metric(gi, x, lam, seen).output_gram(w)
+            jac = gram.jacobian
         residual = jac.embedded - seen.embed_samples(y0)
         # one solve with two right-hand sides: (K + l I)^{-1} [J grad, r]
         z = gram.solve(torch.stack([jac.jvp(grad[None])[0], residual]))
@@ -273,7 +275,9 @@ class FIP(PathOptimizer):
             # after this step's move, pull back on all fit anchors (not added to the batch's
             # pull-back at w: both would undo the same drift)
             moved = w + secondary + correction
-            correction = correction - self.pullback.strength * self._cauchy_pullback(gi, moved)
+            with record_function("riemfip.all_anchor_pullback"):
+                cauchy = self._cauchy_pullback(gi, moved)
+            correction = correction - self.pullback.strength * cauchy
         grad_norm = float(grad.norm())
         return (
             secondary,

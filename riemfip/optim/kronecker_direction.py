@@ -56,6 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.profiler import record_function
 
 from manifolds.jacobian import AutogradJacobian, JacobianOperator
 from manifolds.kronecker_eigenbasis import eigenbasis_metric
@@ -141,7 +142,8 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
         seen = opt.step_output_metric(x, y0)
         metric = opt.step_metric(gi, x, lam, seen)
         if refresh_due(policy, state):
-            jac = metric.jacobian_operator(w)  # factored where the layers allow it
+            with record_function("riemfip.step_jacobian"):
+                jac = metric.jacobian_operator(w)  # factored where the layers allow it
             if not isinstance(jac, FactoredJacobian):
                 raise ValueError(
                     "curvature=Kronecker needs a network with a factored Jacobian (nn.Linear, "
@@ -167,7 +169,9 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
     pullback = opt.pullback
     if pullback.all_anchors_due(state["step"], opt.sampling.batch):
         moved = w + secondary + correction
-        correction = correction - pullback.strength * opt._cauchy_pullback(gi, moved)
+        with record_function("riemfip.all_anchor_pullback"):
+            cauchy = opt._cauchy_pullback(gi, moved)
+        correction = correction - pullback.strength * cauchy
     return (
         secondary,
         correction,
