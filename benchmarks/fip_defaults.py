@@ -18,8 +18,8 @@ runs for the same steps (same batches, same order) for every method:
   the points only, every output, every step; MLPs only, it costs 0.55 s a step on the CNNs),
   ``damping=1``, ``all-sketched`` (every fit anchor each step), ``all-sketched-lr0.1``; and
   any ``--setting NAME=KWARGS`` (a Python dict of FIP keyword arguments, evaluated with
-  :mod:`riemfip.optim`'s names, the stored inputs ``anchors`` and fine-tuning's chosen
-  ``ft_lr`` in scope; ``NAME@P1,P2=...`` for some problems only).
+  :mod:`riemfip.optim`'s names, the stored inputs ``anchors``, the ``fit_anchors`` among them
+  and fine-tuning's chosen ``ft_lr`` in scope; ``NAME@P1,P2=...`` for some problems only).
 
 Targets (issue 9, item 2), per seed: the old task within 3 points of its accuracy before
 task B, and the new task at least 95% of fine-tuning's new-task accuracy (same seed).
@@ -77,6 +77,7 @@ from riemfip.applications.classifiers import mlp
 from riemfip.data import digits, mnist_subset
 from riemfip.networks import lenet5
 from riemfip.optim import FIP, AnchorSampling, DriftGuard
+from riemfip.optim.anchor import holdout_mask
 
 OLD, NEW = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 NAN = float("nan")
@@ -242,10 +243,16 @@ def run_task_b(net, make_opt, x, y, *, epochs: int, batch: int, seed: int) -> di
 
 def fip_maker(anchors: torch.Tensor, options: dict | str, ft_lr: float):
     """``options``: FIP keyword arguments, or the text of a ``--setting`` (evaluated here, with
-    :mod:`riemfip.optim`'s names, the run's ``anchors`` and fine-tuning's chosen ``ft_lr`` in
-    scope)."""
+    :mod:`riemfip.optim`'s names, the run's ``anchors``, the ``fit_anchors`` among them (those
+    FIP fits at the default ``holdout_fraction``, not the ones it holds out to measure drift)
+    and fine-tuning's chosen ``ft_lr`` in scope)."""
     if isinstance(options, str):
-        scope = {k: getattr(ro, k) for k in ro.__all__} | {"anchors": anchors, "ft_lr": ft_lr}
+        held_out = holdout_mask(len(anchors), AnchorSampling().holdout_fraction)
+        scope = {k: getattr(ro, k) for k in ro.__all__} | {
+            "anchors": anchors,
+            "fit_anchors": anchors[~held_out],
+            "ft_lr": ft_lr,
+        }
         options = eval(options, scope)  # a benchmark option, written by whoever runs it
 
     def make(net):
