@@ -400,6 +400,40 @@ def test_neighbour_noise_moves_along_neighbour_differences(task):
         NeighbourNoise(k=len(stored), inputs=stored)
 
 
+def test_neighbour_noise_as_fip_transform_draws_on_every_fit_anchor_and_no_held_out_one(task):
+    """As FIP's anchor transform with an anchor batch, NeighbourNoise without inputs of its own
+    takes each batch anchor's neighbours among all fit anchors (not among the batch), and
+    never among the held-out anchors; its own inputs are kept; it leaves integer inputs
+    alone; a k the fit anchors cannot serve is refused when FIP is built."""
+    k, scale = 3, 0.5
+
+    def fip(transform):
+        net = copy.deepcopy(task["net"])
+        sampling = AnchorSampling(batch=6, transform=transform, seed=4)
+        return FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], anchors=sampling)
+
+    opt = fip(NeighbourNoise(k=k, scale=scale))
+    fit, held_out = opt.anchor.fit_inputs, opt.anchor.holdout_inputs
+    group = opt._groups[0]
+    x, _ = opt._step_anchors(group)
+    # the same draw as a NeighbourNoise given the fit anchors, not as one given every stored
+    # input (held-out ones included)
+    draws = []
+    for inputs in (fit, task["anchors"]):
+        other = fip(NeighbourNoise(k=k, scale=scale, inputs=inputs))
+        draws.append(other._step_anchors(other._groups[0])[0])
+    assert torch.equal(x, draws[0])
+    assert not torch.allclose(x, draws[1])
+    assert group.transform.inputs.shape[0] == len(fit) > 6
+    assert not any(torch.equal(h, f) for h in held_out for f in group.transform.inputs)
+    own = NeighbourNoise(k=k, inputs=task["anchors"])
+    assert fip(own)._groups[0].transform is own
+    tokens = torch.randint(10, (5, 4))
+    assert torch.equal(NeighbourNoise(k=2)(tokens, torch.Generator()), tokens)
+    with pytest.raises(ValueError, match="k must be below"):
+        fip(NeighbourNoise(k=len(fit)))
+
+
 def test_random_shift_translates_each_image_by_at_most_max_shift():
     """Each output is its input translated by one offset in [-s, s]^2 (zero fill), and all
     offsets occur."""

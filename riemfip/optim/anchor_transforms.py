@@ -14,14 +14,17 @@ neighbourhood of each anchor instead. None needs labels.
 :class:`RandomShift`
     Small translations plus noise: images only.
 
-Each is a class (not a closure) so that it pickles and prints its settings.
+Each is a class (not a closure) so that it pickles and prints its settings. A transform that
+draws on the stored anchors themselves defines ``bind(fit_inputs)``, which a path optimizer
+calls once per parameter group when it is built (:func:`bound_transform`): the transform then
+sees every fit anchor, not only the step's batch, and never the held-out ones.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["GaussianNoise", "NeighbourNoise", "RandomShift", "ScaledNoise"]
+__all__ = ["GaussianNoise", "NeighbourNoise", "RandomShift", "ScaledNoise", "bound_transform"]
 
 
 class GaussianNoise:
@@ -107,8 +110,11 @@ class NeighbourNoise:
     std : float
         :math:`\sigma \ge 0`, isotropic noise added after.
     inputs : torch.Tensor, optional
-        The stored inputs neighbours are drawn from, ``(N, ...)``; default: the batch being
-        transformed (all fit anchors, unless FIP's ``anchor_batch`` is set).
+        The stored inputs neighbours are drawn from, ``(N, ...)``. Default: as a path
+        optimizer's anchor transform, its fit anchors (:meth:`bind`; the held-out ones are
+        never used); called on its own, the batch being transformed.
+
+    Inputs that are not floating point (token ids) are returned unchanged.
     """
 
     def __init__(
@@ -128,7 +134,16 @@ class NeighbourNoise:
         self.inputs = inputs
         self.k, self.scale, self.std = k, scale, std
 
+    def bind(self, fit_inputs: torch.Tensor) -> NeighbourNoise:
+        """This transform with neighbours drawn from ``fit_inputs``, unless it has its own
+        ``inputs``; ``ValueError`` if there are not more than ``k`` of them."""
+        if self.inputs is not None:
+            return self
+        return NeighbourNoise(self.k, self.scale, self.std, inputs=fit_inputs)
+
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if not x.is_floating_point():  # token ids, class indices: no neighbourhood to take
+            return x
         flat = x.reshape(len(x), -1)
         stored = flat if self.inputs is None else self.inputs.to(device=x.device, dtype=x.dtype)
         if self.k >= len(stored):
@@ -195,3 +210,10 @@ class RandomShift:
 
     def __repr__(self) -> str:
         return f"RandomShift(max_shift={self.max_shift}, shape={self.shape}, std={self.std})"
+
+
+def bound_transform(transform, fit_inputs: torch.Tensor):
+    """The anchor transform a parameter group uses: ``transform.bind(fit_inputs)`` for a
+    transform that draws on the stored anchors (it defines ``bind``), else ``transform``."""
+    bind = getattr(transform, "bind", None)
+    return transform if bind is None else bind(fit_inputs)

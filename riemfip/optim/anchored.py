@@ -54,6 +54,7 @@ from manifolds.flat import FlatModule
 from manifolds.output_metrics import OutputMetric, Sketched, get_output_metric
 
 from .anchor import Anchor, AnchorDrift
+from .anchor_transforms import bound_transform
 from .batchnorm import BatchNormWarning, batchnorm_in_train_mode
 from .policies import AnchorSampling, DriftGuard
 
@@ -116,6 +117,7 @@ class _Group:
 
     def __init__(self, flat: FlatModule, anchor: Anchor, param: torch.Tensor | None = None):
         self.flat, self.anchor, self.param = flat, anchor, param
+        self.transform = None  # the anchor transform, bound to this group's fit anchors
         self.spread: float | None = None  # of the frozen outputs, once needed
         self.key = param if param is not None else flat.parameters()[0]
 
@@ -221,6 +223,7 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
                     f"on {params[0].device}; a group moves as one vector"
                 )
         group = self._manifold_group(params) if self.model is None else self._model_group(params)
+        group.transform = bound_transform(self.sampling.transform, group.anchor.fit_inputs)
         self._groups.append(group)
         self._init_group(gi, group)
 
@@ -274,7 +277,7 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
             idx = self._order[:batch].to(x.device)
             self._order = self._order[batch:]
             x, y0 = x[idx], y0[idx]
-        transform = self.sampling.transform
+        transform = group.transform
         if transform is None:
             return x, y0
         xt = transform(x, self._generator)
