@@ -19,7 +19,11 @@ runs for the same steps (same batches, same order) for every method:
   ``damping=1``, ``all-sketched`` (every fit anchor each step), ``all-sketched-lr0.1``; and
   any ``--setting NAME=KWARGS`` (a Python dict of FIP keyword arguments, evaluated with
   :mod:`riemfip.optim`'s names, the stored inputs ``anchors``, the ``fit_anchors`` among them
-  and fine-tuning's chosen ``ft_lr`` in scope; ``NAME@P1,P2=...`` for some problems only).
+  and fine-tuning's chosen ``ft_lr`` in scope; ``NAME@P1,P2=...`` for some problems only);
+* with ``--references``, methods that see what FIP is denied, to show where the targets
+  sit: SGD at fine-tuning's lr (times ``--ref-lr-factor``) on each task-B batch plus as many labelled old-task examples,
+  drawn from all of task A's training set (``joint``) or from the stored examples with their
+  labels (``replay``).
 
 Targets (issue 9, item 2), per seed: the old task within 3 points of its accuracy before
 task B, and the new task at least 95% of fine-tuning's new-task accuracy (same seed).
@@ -199,8 +203,10 @@ def train_task_a(net, x, y, *, epochs: int, batch: int, seed: int, optimizer: st
         opt.step()
 
 
-def run_task_b(net, make_opt, x, y, *, epochs: int, batch: int, seed: int) -> dict:
-    """Build the optimizer (timed apart) and train on task B; CPU time per step, FIP drift."""
+def run_task_b(net, make_opt, x, y, *, epochs: int, batch: int, seed: int, mixed=None) -> dict:
+    """Build the optimizer (timed apart) and train on task B; CPU time per step, FIP drift.
+    ``mixed``: a callable giving a labelled old-task batch ``(x, y)`` that each step adds to
+    task B's (joint training, replay)."""
     c0 = time.process_time()
     opt = make_opt(net)
     setup = time.process_time() - c0
@@ -212,8 +218,12 @@ def run_task_b(net, make_opt, x, y, *, epochs: int, batch: int, seed: int) -> di
     c0 = time.process_time()
     try:
         for idx in batches(len(x), batch, epochs, seed):
+            xb, yb = x[idx], y[idx]
+            if mixed is not None:
+                xo, yo = mixed()
+                xb, yb = torch.cat([xb, xo]), torch.cat([yb, yo])
             opt.zero_grad()
-            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            nn.functional.cross_entropy(net(xb), yb).backward()
             opt.step()
             steps += 1
             info = getattr(opt, "last_info", None)
@@ -284,13 +294,39 @@ def split_tasks(ds):
     )
 
 
-def stored_inputs(xa: torch.Tensor, ya: torch.Tensor, seed: int, per_class: int) -> torch.Tensor:
-    """The old task's memory of a seed: ``per_class`` training inputs of each class in ``OLD``,
-    drawn by a generator seeded ``10_000 + seed``, without labels."""
+def stored_examples(xa: torch.Tensor, ya: torch.Tensor, seed: int, per_class: int):
+    """The old task's memory of a seed with its labels, ``(x, y)``: ``per_class`` training
+    examples of each class in ``OLD``, drawn by a generator seeded ``10_000 + seed``."""
     gen = torch.Generator().manual_seed(10_000 + seed)
-    return torch.cat(
-        [xa[ya == c][torch.randperm(int((ya == c).sum()), generator=gen)[:per_class]] for c in OLD]
-    )
+    picks = [
+        torch.nonzero(ya == c).flatten()[torch.randperm(int((ya == c).sum()), generator=gen)]
+        for c in OLD
+    ]
+    idx = torch.cat([p[:per_class] for p in picks])
+    return xa[idx], ya[idx]
+
+
+def stored_inputs(xa: torch.Tensor, ya: torch.Tensor, seed: int, per_class: int) -> torch.Tensor:
+    """The old task's memory of a seed, without labels (what FIP gets)."""
+    return stored_examples(xa, ya, seed, per_class)[0]
+
+
+#: Reference methods (``--references``): SGD at fine-tuning's lr on each task-B batch plus a
+#: batch of the same size of labelled old-task examples, drawn with replacement from all of
+#: task A's training set (``joint``) or from the stored examples FIP gets without labels
+#: (``replay``). They see what FIP is denied (labels, or all of task A).
+REFERENCES = ("joint", "replay")
+
+
+def old_batches(x: torch.Tensor, y: torch.Tensor, size: int, seed: int):
+    """A callable giving ``size`` random labelled examples of ``(x, y)`` per call."""
+    gen = torch.Generator().manual_seed(20_000 + seed)
+
+    def draw():
+        idx = torch.randint(len(x), (size,), generator=gen)
+        return x[idx], y[idx]
+
+    return draw
 
 
 def run_problem(name: str, args, variants: dict[str, dict]) -> dict:
@@ -328,10 +364,17 @@ def run_problem(name: str, args, variants: dict[str, dict]) -> dict:
         anchors = stored_inputs(xa, ya, seed, args.per_class)
         row = {"before": evaluate(net_a)}
 
-        def run(make_opt, net_a=net_a, seed=seed):
+        def run(make_opt, net_a=net_a, seed=seed, mixed=None):
             net = copy.deepcopy(net_a)
             stats = run_task_b(
-                net, make_opt, xb, yb, epochs=problem.epochs_b, batch=args.batch, seed=seed + 1
+                net,
+                make_opt,
+                xb,
+                yb,
+                epochs=problem.epochs_b,
+                batch=args.batch,
+                seed=seed + 1,
+                mixed=mixed,
             )
             if "error" in stats:  # diverged: no accuracy to report
                 return {"old": NAN, "new": NAN, **stats}
@@ -349,14 +392,19 @@ def run_problem(name: str, args, variants: dict[str, dict]) -> dict:
             if name not in args.where[vname]:
                 continue
             row[f"fip:{vname}"] = run(fip_maker(anchors, options, ft_lr))
-            print(f"  {name} seed {seed} {vname}: {short(row, vname)}", flush=True)
+            print(f"  {name} seed {seed} {vname}: {short(row, f'fip:{vname}')}", flush=True)
+        memory = {"joint": (xa, ya), "replay": stored_examples(xa, ya, seed, args.per_class)}
+        for ref in args.references:
+            mixed = old_batches(*memory[ref], args.batch, seed)
+            row[f"ref:{ref}"] = run(sgd_maker(args.ref_lr_factor * ft_lr), mixed=mixed)
+            print(f"  {name} seed {seed} {ref}: {short(row, f'ref:{ref}')}", flush=True)
         result["seeds"][str(seed)] = row
     result["summary"] = summarise(result, args)
     return result
 
 
-def short(row: dict, vname: str) -> str:
-    r, ft = row[f"fip:{vname}"], row["finetune"]
+def short(row: dict, key: str) -> str:
+    r, ft = row[key], row["finetune"]
     return (
         f"before {row['before']['old']:.1f}, old {r['old']:.1f}, new {r['new']:.1f} "
         f"(FT {ft['new']:.1f}), {r.get('step_ms', NAN):.1f} ms/step (FT {ft['step_ms']:.2f})"
@@ -377,7 +425,7 @@ def mean_std(values: list[float]) -> dict:
 def summarise(result: dict, args) -> dict:
     """Per method: mean ± std over seeds of each figure, and how many seeds meet each target."""
     seeds = list(result["seeds"].values())
-    methods = [k for k in seeds[0] if k.startswith("fip:")]
+    methods = [k for k in seeds[0] if k.startswith(METHOD_PREFIXES)]
     out = {
         "before": mean_std([s["before"]["old"] for s in seeds]),
         "finetune": {
@@ -419,11 +467,11 @@ def table(results: dict) -> str:
     lines = [head, "|" + "---|" * 12]
     for name, res in results.items():
         s = res["summary"]
-        for m in (k for k in s if k.startswith("fip:")):
+        for m in (k for k in s if k.startswith(METHOD_PREFIXES)):
             r = s[m]
             n = r["seeds"]
             lines.append(
-                f"| {name} | {m[4:]} | {pm(s['before'])} | {pm(r['old'])} | {pm(r['new'])} | "
+                f"| {name} | {label(m)} | {pm(s['before'])} | {pm(r['old'])} | {pm(r['new'])} | "
                 f"{pm(s['finetune']['new'])} ({res['ft_lr']:g}) | {pm(r['new_ratio'], '.3f')} | "
                 f"{r['within_3']}/{n} | {r['at_least_95']}/{n} | {r['both']}/{n} | "
                 f"{pm(r['step_ms'])} | {pm(r['cost_ratio'])} |"
@@ -434,7 +482,7 @@ def table(results: dict) -> str:
 def per_seed_table(results: dict) -> str:
     lines = [
         "| problem | seed | before | FT new | "
-        + " | ".join(f"{m[4:]} old / new" for m in _methods(results))
+        + " | ".join(f"{label(m)} old / new" for m in _methods(results))
         + " |"
     ]
     lines.append("|" + "---|" * (4 + len(_methods(results))))
@@ -456,8 +504,18 @@ def _methods(results: dict) -> list[str]:
     seen = {}
     for res in results.values():
         for row in res["seeds"].values():
-            seen |= dict.fromkeys(k for k in row if k.startswith("fip:"))
+            seen |= dict.fromkeys(k for k in row if k.startswith(METHOD_PREFIXES))
     return list(seen)
+
+
+#: Row keys of the compared methods: FIP settings (``fip:NAME``) and references (``ref:NAME``).
+METHOD_PREFIXES = ("fip:", "ref:")
+
+
+def label(key: str) -> str:
+    """A row's name in the tables: the FIP setting, or ``joint (reference)``."""
+    kind, _, name = key.partition(":")
+    return name if kind == "fip" else f"{name} (reference)"
 
 
 def machine() -> dict:
@@ -516,11 +574,28 @@ def main(argv=None) -> int:
         default="sgd",
         help="task A's optimizer: SGD lr 0.1 (default) or Adam lr 1e-3",
     )
+    p.add_argument(
+        "--references",
+        type=lambda v: [r for r in v.split(",") if r],
+        default=[],
+        help="comma-separated reference methods, of joint, replay: SGD at fine-tuning's lr "
+        "with a labelled old-task batch added to each step (all of task A, or the stored "
+        "examples)",
+    )
+    p.add_argument(
+        "--ref-lr-factor",
+        type=float,
+        default=1.0,
+        help="the references' SGD lr as a multiple of fine-tuning's chosen lr",
+    )
     p.add_argument("--per-class", type=int, default=50, help="stored inputs per old class")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fip_defaults.json"))
     args = p.parse_args(argv)
+    unknown = sorted(set(args.references) - set(REFERENCES))
+    if unknown:
+        p.error(f"unknown references {unknown}; choose from {', '.join(REFERENCES)}")
     torch.set_num_threads(args.threads)
 
     variants, args.where = {}, {}
