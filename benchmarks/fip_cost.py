@@ -15,6 +15,9 @@ The optimizers, each built from its public constructor only:
 ``fip-previous``
     The defaults before that: ``anchors=AnchorSampling(outputs=None), guard=DriftGuard()``
     (every output of each anchor, no growth rule).
+``fip-exact2``
+    The defaults with ``curvature=Exact(refresh=2)``: the exact anchor metric of a step's
+    anchors kept for the next step too.
 ``fip-kfac``, ``fip-kfac-lazy``, ``fip-kfac-ekfac-r5``, ``fip-kfac-p2-r20``, ...
     The same with ``curvature=Kronecker(...)``: the Kronecker-factored anchor metric of a
     step's anchors, refreshed every 10 steps (``-rN``: every N) with the per-step
@@ -104,6 +107,7 @@ METHOD_LABELS = {
     "fip": "FIP (defaults)",
     "fip-sketch": "FIP (outputs=2)",
     "fip-previous": "FIP (defaults before the growth rule)",
+    "fip-exact2": "FIP (exact metric kept 2 steps)",
     "gpm": "GPM",
 }
 METHOD_LABELS |= {
@@ -182,13 +186,16 @@ def build_optimizer(method: str, net, x_old):
 
     if method == "sgd":
         return torch.optim.SGD(net.parameters(), lr=LR)
-    if method in ("fip", "fip-sketch", "fip-previous") or method.startswith("fip-kfac"):
-        from riemfip.optim import FIP, AnchorSampling, DriftGuard, Kronecker
+    if method in ("fip", "fip-sketch", "fip-previous", "fip-exact2") or method.startswith(
+        "fip-kfac"
+    ):
+        from riemfip.optim import FIP, AnchorSampling, DriftGuard, Exact, Kronecker
 
         options = {
             "fip": {},
             "fip-sketch": {"anchors": AnchorSampling(outputs=2)},
             "fip-previous": {"anchors": AnchorSampling(outputs=None), "guard": DriftGuard()},
+            "fip-exact2": {"curvature": Exact(refresh=2)},
         }.get(method, {})
         if method.startswith("fip-kfac"):
             options = {"curvature": Kronecker(**kronecker_options(method))}

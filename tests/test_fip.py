@@ -21,6 +21,7 @@ from riemfip.optim import (
     AnchorSampling,
     BatchNormWarning,
     DriftGuard,
+    Exact,
     FIPPenalty,
     GaussianNoise,
     NeighbourNoise,
@@ -773,6 +774,7 @@ def test_group_with_foreign_parameter_is_rejected(task):
         (lambda net, x: DriftGuard(floor=-1.0), "floor"),
         (lambda net, x: PullBack(strength=2.0), "strength"),
         (lambda net, x: AnchorSampling(holdout_fraction=1.0), "holdout_fraction"),
+        (lambda net, x: Exact(refresh=0), "refresh"),
         (
             lambda net, x: FIP(
                 net.parameters(), model=net, anchor_inputs=x, output_metric="hamming"
@@ -785,6 +787,82 @@ def test_group_with_foreign_parameter_is_rejected(task):
 def test_bad_options_are_rejected(task, make, match):
     with pytest.raises(ValueError, match=match):
         make(task["net"], task["anchors"])
+
+
+def test_exact_refresh_keeps_a_steps_anchors_and_metric_and_remeasures_the_residual(task):
+    """With Exact(refresh=2), the step after a refresh reuses its anchors, its Jacobian J_1
+    (at the refresh step's weights) and K_1 = J_1 J_1^T: the step is
+    -lr (grad - J_1^T (K_1 + lam)^{-1} J_1 grad) - J_1^T (K_1 + lam)^{-1} r(w), the residual
+    r(w) = F(w) - F(w_0) measured on those anchors at the current weights; the step after
+    draws fresh anchors, as the second step of an every-step run does."""
+    lr = 0.05
+    kwargs = dict(
+        lr=lr,
+        anchors=AnchorSampling(batch=16, outputs=None),
+        guard=DriftGuard(),  # no halving, so the whole step can be checked
+        pullback=PullBack(all_anchors=False),
+    )
+
+    def fip(net, refresh):
+        return FIP(
+            net.parameters(),
+            model=net,
+            anchor_inputs=task["anchors"],
+            curvature=Exact(refresh=refresh),
+            **kwargs,
+        )
+
+    net = copy.deepcopy(task["net"])
+    opt = fip(net, 2)
+    fip_on_new_task(net, opt, task, steps=1)
+    state = opt.state[opt._groups[0].key]
+    kept = state["exact"]
+    assert kept["step"] == 1
+    w1 = flat(net)
+    opt.zero_grad()
+    new_task_backward(net, task)
+    grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    gram = kept["gram"]
+    jac = gram.jacobian
+    with torch.no_grad():
+        outputs = net.eval()(kept["x"])
+    residual = (outputs - kept["y0"]).reshape(-1) / len(kept["x"]) ** 0.5
+    z = gram.solve(torch.stack([jac.jvp(grad[None])[0], residual]))
+    pulled = jac.vjp(z)
+    expected = -lr * (grad - pulled[0]) - pulled[1]
+    opt.step()
+    assert state["exact"] is kept  # not rebuilt on the second step
+    assert torch.allclose(flat(net) - w1, expected, rtol=1e-9, atol=1e-12)
+    assert float(pulled[1].norm()) > 0  # the residual at w1 is not the refresh step's
+    fip_on_new_task(net, opt, task, steps=1)
+    assert state["exact"]["step"] == 3
+    # the third step's anchors are the second draw of a run that refreshes every step
+    every = fip(copy.deepcopy(task["net"]), 1)
+    group = every._groups[0]
+    every._step_anchors(group)
+    assert torch.equal(every._step_anchors(group)[0], state["exact"]["x"])
+    assert "exact" not in every.state[group.key]  # refresh=1 keeps nothing
+
+
+def test_exact_refresh_state_dict_round_trip_between_refreshes(task):
+    """Saved between refreshes, a run with Exact(refresh=3) resumes with the kept metric and
+    anchors and takes the same next steps."""
+
+    def fip(net):
+        return FIP(net.parameters(), model=net, anchor_inputs=task["anchors"], curvature=Exact(3))
+
+    net = copy.deepcopy(task["net"])
+    opt = fip(net)
+    fip_on_new_task(net, opt, task, steps=4)  # refresh on 1 and 4; save after 4
+    saved_state = copy.deepcopy(opt.state_dict())
+    saved_weights = copy.deepcopy(net.state_dict())
+    fip_on_new_task(net, opt, task, steps=3)  # 5, 6 reuse step 4's metric; 7 refreshes
+    net2 = copy.deepcopy(task["net"])
+    net2.load_state_dict(saved_weights)
+    opt2 = fip(net2)
+    opt2.load_state_dict(saved_state)
+    fip_on_new_task(net2, opt2, task, steps=3)
+    assert torch.equal(flat(net2), flat(net))
 
 
 def test_factored_jacobian_matches_dense_jacobian(task):
@@ -821,19 +899,25 @@ def test_factored_and_autograd_routes_take_the_same_step(task, monkeypatch):
     assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)
 
 
-def test_fip_on_a_flat_manifold_parameter_equals_fip_on_the_module(task):
+@pytest.mark.parametrize("curvature", [None, Exact(refresh=2)], ids=["every-step", "exact-2"])
+def test_fip_on_a_flat_manifold_parameter_equals_fip_on_the_module(task, curvature):
     """FIP([p]) on a WeightSpace whose metric is the anchor metric takes the same steps as
-    FIP(net.parameters(), model=net, anchor_inputs=...) with that metric."""
+    FIP(net.parameters(), model=net, anchor_inputs=...) with that metric, the metric built
+    every step or kept for two."""
     x = task["anchors"]
     net = copy.deepcopy(task["net"])
     opt = FIP(
-        net.parameters(), model=net, anchor_inputs=x, anchors=AnchorSampling(holdout_fraction=0)
+        net.parameters(),
+        model=net,
+        anchor_inputs=x,
+        anchors=AnchorSampling(holdout_fraction=0),
+        curvature=curvature,
     )
     lam = opt.damping_of()
     flat_net = copy.deepcopy(task["net"])
     space = WeightSpace(PullbackMetric.from_module(flat_net, x, damping=lam))
     p = flat_parameter(flat_net, space)
-    opt_p = FIP([p])
+    opt_p = FIP([p], curvature=curvature)
     for _ in range(4):
         opt.zero_grad()
         new_task_backward(net, task)

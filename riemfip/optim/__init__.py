@@ -15,7 +15,7 @@ from .fip import FIP
 from .kronecker_direction import Kronecker
 from .modes import MODES, path_optimizer
 from .penalty import FIPPenalty
-from .policies import AnchorSampling, DriftGuard, PullBack
+from .policies import AnchorSampling, DriftGuard, Exact, PullBack
 
 __all__ = [
     "FIP",
@@ -24,6 +24,7 @@ __all__ = [
     "AnchorSampling",
     "BatchNormWarning",
     "DriftGuard",
+    "Exact",
     "FIPPenalty",
     "GaussianNoise",
     "Kronecker",

@@ -75,7 +75,7 @@ from manifolds.output_metrics import OutputMetric
 
 from .anchored import PathOptimizer
 from .kronecker_direction import Kronecker, anchors_needed, kronecker_step
-from .policies import AnchorSampling, DriftGuard, PullBack, check_number
+from .policies import AnchorSampling, DriftGuard, Exact, PullBack, check_number
 
 __all__ = ["FIP"]
 
@@ -120,11 +120,13 @@ class FIP(PathOptimizer):
         What the held-out drift may do (default ``DriftGuard(growth=1.5)``: a step that would
         multiply it by more than 1.5 is halved, the first step held to 5e-5 of the anchor
         outputs' spread; no budget). Drift is measured every step regardless.
-    curvature : Kronecker, optional
+    curvature : Exact or Kronecker, optional
         The anchor metric of the direction: ``None`` (default) the exact one of each step's
-        anchors; :class:`~riemfip.optim.Kronecker` its Kronecker-factored approximation,
-        refreshed every few steps (:mod:`riemfip.optim.kronecker_direction`). Not with
-        manifold parameters or a process group.
+        anchors; :class:`~riemfip.optim.Exact` ``(refresh=k)`` the exact one of a step's
+        anchors, kept for ``k`` steps; :class:`~riemfip.optim.Kronecker` its
+        Kronecker-factored approximation, refreshed every few steps
+        (:mod:`riemfip.optim.kronecker_direction`; not with manifold parameters or a
+        process group).
     process_group : torch.distributed.ProcessGroup, optional
         Data parallelism: every rank runs the same loop on its own batch of the new task
         and :meth:`step` averages the gradients over the ranks (as
@@ -171,16 +173,17 @@ class FIP(PathOptimizer):
         anchors: AnchorSampling | None = None,
         pullback: PullBack | None = None,
         guard: DriftGuard | None = None,
-        curvature: Kronecker | None = None,
+        curvature: Exact | Kronecker | None = None,
         process_group=None,
     ):
-        if curvature is not None and not isinstance(curvature, Kronecker):
+        if curvature is not None and not isinstance(curvature, (Exact, Kronecker)):
             raise TypeError(
-                f"curvature must be a Kronecker or None, got {type(curvature).__name__}"
+                f"curvature must be an Exact, a Kronecker or None, got {type(curvature).__name__}"
             )
-        if curvature is not None and (model is None or process_group is not None):
+        kronecker = isinstance(curvature, Kronecker)
+        if kronecker and (model is None or process_group is not None):
             raise ValueError("curvature=Kronecker needs model and anchor_inputs, one process")
-        self.curvature = curvature
+        self.curvature = Exact() if curvature is None else curvature
         defaults = dict(
             lr=check_number("lr", lr, low=0, low_open=True),
             damping=check_number("damping", damping, low=0, low_open=True),
@@ -243,26 +246,26 @@ class FIP(PathOptimizer):
         return gram.damped_projection(grad)
 
     def _step_anchors(self, group):
-        if self.curvature is not None and not anchors_needed(
-            self.curvature, self.state[group.key], self.pullback
-        ):
-            return None, None  # a Kronecker step between refreshes without a pull-back
+        state = self.state[group.key]
+        if isinstance(self.curvature, Kronecker):
+            if not anchors_needed(self.curvature, state, self.pullback):
+                return None, None  # a Kronecker step between refreshes without a pull-back
+        elif not self.curvature.due(state):
+            return state["exact"]["x"], state["exact"]["y0"]  # the refresh step's anchors
         return super()._step_anchors(group)
 
     def _direction(self, gi, param_group, state, w, grad, x, y0):
-        lr, lam = param_group["lr"], state["damping"]
+        lr = param_group["lr"]
         if param_group["momentum"] > 0:
             buf = state.get("momentum_buffer")
             buf = grad.clone() if buf is None else buf.mul(param_group["momentum"]).add_(grad)
             state["momentum_buffer"] = buf
             grad = buf
-        if self.curvature is not None:
+        if isinstance(self.curvature, Kronecker):
             return kronecker_step(self, gi, param_group, state, w, grad, x, y0)
-        with record_function("riemfip.step_jacobian"):
-            seen = self.step_output_metric(x, y0)
-            gram = self.step_metric(gi, x, lam, seen).output_gram(w)
-            jac = gram.jacobian
-        residual = jac.embedded - seen.embed_samples(y0)
+        seen, gram, embedded = self._exact_metric(gi, state, w, x, y0)
+        jac = gram.jacobian
+        residual = embedded - seen.embed_samples(y0)
         # one solve with two right-hand sides: (K + l I)^{-1} [J grad, r]
         z = gram.solve(torch.stack([jac.jvp(grad[None])[0], residual]))
         pulled = jac.vjp(z)  # J^T z1, J^T z2
@@ -288,6 +291,22 @@ class FIP(PathOptimizer):
                 "fit_residual": float(residual.norm()),
             },
         )
+
+    def _exact_metric(self, gi, state, w, x, y0):
+        """``(output metric, output Gram, F(w))`` of this step's anchors: the Gram factored at
+        ``w`` on a refresh step (every step by default), else the refresh step's, with the
+        embedded outputs ``F(w)`` re-measured by one forward pass (:class:`Exact`)."""
+        policy: Exact = self.curvature
+        if not policy.due(state):
+            kept = state["exact"]
+            metric = self.step_metric(gi, x, state["damping"], kept["seen"])
+            return kept["seen"], kept["gram"], metric.embed(w).reshape(-1)
+        with record_function("riemfip.step_jacobian"):
+            seen = self.step_output_metric(x, y0)
+            gram = self.step_metric(gi, x, state["damping"], seen).output_gram(w)
+        if policy.refresh > 1:
+            state["exact"] = {"step": state["step"], "x": x, "y0": y0, "seen": seen, "gram": gram}
+        return seen, gram, gram.jacobian.embedded
 
     def _cauchy_pullback(self, gi: int, w: torch.Tensor) -> torch.Tensor:
         r"""Gauss–Newton Cauchy step toward the frozen outputs on *all* fit anchors:
