@@ -42,6 +42,9 @@ Both solves use the Jacobian at the *current* weights, in the output space
 step's anchors (:class:`~riemfip.optim.policies.AnchorSampling`). :math:`J` is held exactly in
 factored form where the network's layers allow it (:meth:`~manifolds.PullbackMetric.jacobian_operator`).
 A metric factored once and reused goes stale within a few steps; the current one does not.
+:class:`~riemfip.optim.Exact` ``(refresh=2)`` keeps one for the next step too (its anchors,
+Jacobian and Cholesky factor, with the residual :math:`F(w) - F(w_0)` re-measured at the
+current weights), which is as long as it stays fresh enough on the benchmarks.
 
 Damping
 -------
