@@ -75,7 +75,7 @@ class TrustFIP(FIP):
         self.ref = ref  # "grad": q = |e| / (lr |J grad|); "residual": q = |e| / |F(w) - F(w0)|
         self._pending = {}
         super().__init__(params, **kwargs)
-        if self.curvature is not None or self.sampling.outputs is not None:
+        if self.curvature != ro.Exact() or self.sampling.outputs is not None:
             raise ValueError("TrustFIP: the exact curvature on all outputs only")
 
     def multiplier(self, gi: int = 0) -> float:
