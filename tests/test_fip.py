@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from dense_reference import flat_weights
 from torch import nn
 
 from manifolds import MixedPrecision, PullbackMetric, WeightSpace, flat_parameter
@@ -97,10 +98,6 @@ def sgd_on_new_task(base, task, lr=0.5, steps=40):
     return net
 
 
-def flat(net):
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-
-
 def held_out_change(net, w0_net, x):
     """Mean squared change of the logits on ``x``."""
     with torch.no_grad():
@@ -125,7 +122,7 @@ def test_natural_direction_is_metric_solve_and_dense_natural_gradient(task):
         with torch.no_grad():  # move away from where the damping was set
             for p in net.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        w = flat(net)
+        w = flat_weights(net)
         metric = opt.manifold().metric
         lam = opt.damping_of()
         assert metric.damping == lam
@@ -152,7 +149,7 @@ def test_relative_damping_is_set_from_the_mean_eigenvalue_at_the_start(task):
         output_metric="fisher",
         anchors=AnchorSampling(holdout_fraction=0.0),
     )
-    jac = PullbackMetric.from_module(net, x, output_metric="fisher").jacobian(flat(net))
+    jac = PullbackMetric.from_module(net, x, output_metric="fisher").jacobian(flat_weights(net))
     dense = torch.linalg.eigvalsh(jac @ jac.T)
     assert math.isclose(opt.damping_of(), 1e-2 * float(dense.sum()) / jac.shape[0], rel_tol=1e-9)
     # with more than 64 fit anchors the mean is taken over 64 evenly spread ones
@@ -161,7 +158,7 @@ def test_relative_damping_is_set_from_the_mean_eigenvalue_at_the_start(task):
     fit = opt.anchor.fit_inputs
     assert len(fit) > 64
     sample = fit[torch.linspace(0, len(fit) - 1, 64).long()]
-    jac = PullbackMetric.from_module(net, sample).jacobian(flat(net))
+    jac = PullbackMetric.from_module(net, sample).jacobian(flat_weights(net))
     assert math.isclose(
         opt.damping_of(), 3e-2 * float(jac.pow(2).sum()) / jac.shape[0], rel_tol=1e-9
     )
@@ -171,7 +168,7 @@ def test_spectrum_matches_dense_eigenpairs(task):
     """PullbackMetric.spectrum: the top-k eigenpairs of g from the output-space Gram and by
     Lanczos equal the dense ones; fraction() is the share of a direction in their span."""
     net, x = task["net"], task["anchors"][:12]
-    w = flat(net)
+    w = flat_weights(net)
     for damping in (0.0, 1e-2):
         metric = PullbackMetric.from_module(net, x, output_metric="fisher", damping=damping)
         evals, evecs = torch.linalg.eigh(metric.dense(w))
@@ -202,9 +199,9 @@ def test_one_step_moves_held_out_predictions_far_less_than_sgd(task):
     opt = FIP(net_fip.parameters(), model=net_fip, anchor_inputs=task["anchors"])
     new_task_backward(net_fip, task)
     grad = torch.cat([p.grad.reshape(-1) for p in net_fip.parameters()])
-    w0 = flat(net_fip)
+    w0 = flat_weights(net_fip)
     opt.step()
-    length = float((flat(net_fip) - w0).norm())
+    length = float((flat_weights(net_fip) - w0).norm())
     assert length > 0
 
     net_sgd = copy.deepcopy(base)
@@ -529,11 +526,11 @@ def test_growth_rule_takes_the_longest_halving_within_rho_times_the_last_drift(t
     for _ in range(12):
         opt.zero_grad()
         new_task_backward(net, task)
-        w = flat(net)
+        w = flat_weights(net)
         opt.step()
         info = opt.last_info[0]
         allowed = rho * last + phi * spread
-        move = flat(net) - w
+        move = flat_weights(net) - w
         assert info.drift.divergence == pytest.approx(opt.anchor_drift().divergence, rel=1e-12)
         if info.scale > 2.0**-8:
             assert info.drift.divergence <= allowed
@@ -577,7 +574,7 @@ def test_state_dict_round_trip_reproduces_next_step(task, mode):
     opt.zero_grad()
     new_task_backward(net, task)
     opt.step()
-    expected = flat(net)
+    expected = flat_weights(net)
 
     net2 = copy.deepcopy(task["net"])
     net2.load_state_dict(saved_weights)
@@ -588,7 +585,7 @@ def test_state_dict_round_trip_reproduces_next_step(task, mode):
     opt2.zero_grad()
     new_task_backward(net2, task)
     opt2.step()
-    assert torch.equal(flat(net2), expected)
+    assert torch.equal(flat_weights(net2), expected)
     assert opt2.last_info[0].step == 4
 
 
@@ -607,9 +604,9 @@ def test_penalty_mode_takes_eps_steps_toward_frozen_anchor(task):
     for _ in range(5):
         opt.zero_grad()
         (0.0 * net(task["xb"]).sum()).backward()
-        w = flat(net)
+        w = flat_weights(net)
         opt.step()
-        assert float((flat(net) - w).norm()) == pytest.approx(1e-2, rel=1e-9)
+        assert float((flat_weights(net) - w).norm()) == pytest.approx(1e-2, rel=1e-9)
     assert opt.anchor_drift().divergence < drift0
     assert opt.output_metric.name == "bhattacharyya"
 
@@ -626,12 +623,14 @@ def test_parameter_groups_move_jointly_within_and_separately_across(task):
     opt = FIP(
         groups, model=net, anchor_inputs=task["anchors"], lr=0.1, pullback=PullBack(strength=0.0)
     )
-    before = [flat(net[i]) for i in (0, 2, 4)]
+    before = [flat_weights(net[i]) for i in (0, 2, 4)]
     opt.zero_grad()
     new_task_backward(net, task)
     opt.step()
     assert len(opt.last_info) == 2
-    moved = [float((flat(net[i]) - b).norm()) for i, b in zip((0, 2, 4), before, strict=True)]
+    moved = [
+        float((flat_weights(net[i]) - b).norm()) for i, b in zip((0, 2, 4), before, strict=True)
+    ]
     assert moved[0] > 1e5 * max(moved[1], moved[2])  # second group's lr is tiny
 
 
@@ -660,11 +659,11 @@ def test_missing_gradients_are_rejected(task):
 def test_nan_loss_is_rejected_and_weights_untouched(task):
     net = copy.deepcopy(task["net"])
     opt = FIP(net.parameters(), model=net, anchor_inputs=task["anchors"])
-    w = flat(net)
+    w = flat_weights(net)
     (net(task["xb"]).sum() * float("nan")).backward()
     with pytest.raises(ValueError, match="NaN or Inf"):
         opt.step()
-    assert torch.equal(flat(net), w)
+    assert torch.equal(flat_weights(net), w)
     with pytest.raises(ValueError, match="closure's loss is nan"):
         opt.step(lambda: torch.tensor(float("nan")))
 
@@ -674,11 +673,11 @@ def test_diverging_step_is_refused_and_weights_untouched(task):
     # anything is written, and the step count does not advance
     net = copy.deepcopy(task["net"])
     opt = FIP(net.parameters(), lr=1e308, model=net, anchor_inputs=task["anchors"])
-    w = flat(net)
+    w = flat_weights(net)
     (1e20 * nn.functional.cross_entropy(net(task["xb"]), task["yb"])).backward()
     with pytest.raises(FloatingPointError, match="left as they were"):
         opt.step()
-    assert torch.equal(flat(net), w)
+    assert torch.equal(flat_weights(net), w)
     assert opt.state[opt._groups[0].key]["step"] == 0
 
 
@@ -713,7 +712,7 @@ def test_a_refused_step_leaves_momentum_and_anchor_sampling_as_they_were(task):
         opt.zero_grad()
         new_task_backward(net, task)
         opt.step()
-    assert torch.equal(flat(nets[0]), flat(nets[1]))
+    assert torch.equal(flat_weights(nets[0]), flat_weights(nets[1]))
 
 
 def test_anchor_transform_of_wrong_shape_is_rejected(task):
@@ -818,7 +817,7 @@ def test_exact_refresh_keeps_a_steps_anchors_and_metric_and_remeasures_the_resid
     state = opt.state[opt._groups[0].key]
     kept = state["exact"]
     assert kept["step"] == 1
-    w1 = flat(net)
+    w1 = flat_weights(net)
     opt.zero_grad()
     new_task_backward(net, task)
     grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
@@ -832,7 +831,7 @@ def test_exact_refresh_keeps_a_steps_anchors_and_metric_and_remeasures_the_resid
     expected = -lr * (grad - pulled[0]) - pulled[1]
     opt.step()
     assert state["exact"] is kept  # not rebuilt on the second step
-    assert torch.allclose(flat(net) - w1, expected, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(flat_weights(net) - w1, expected, rtol=1e-9, atol=1e-12)
     assert float(pulled[1].norm()) > 0  # the residual at w1 is not the refresh step's
     fip_on_new_task(net, opt, task, steps=1)
     assert state["exact"]["step"] == 3
@@ -862,7 +861,7 @@ def test_exact_refresh_state_dict_round_trip_between_refreshes(task):
     opt2 = fip(net2)
     opt2.load_state_dict(saved_state)
     fip_on_new_task(net2, opt2, task, steps=3)
-    assert torch.equal(flat(net2), flat(net))
+    assert torch.equal(flat_weights(net2), flat_weights(net))
 
 
 def test_factored_jacobian_matches_dense_jacobian(task):
@@ -895,7 +894,7 @@ def test_factored_and_autograd_routes_take_the_same_step(task, monkeypatch):
             opt.zero_grad()
             new_task_backward(net, task)
             opt.step()
-        steps.append(flat(net))
+        steps.append(flat_weights(net))
     assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)
 
 
@@ -926,7 +925,7 @@ def test_fip_on_a_flat_manifold_parameter_equals_fip_on_the_module(task, curvatu
         loss = nn.functional.cross_entropy(space.metric.module(p, task["xb"]), task["yb"])
         loss.backward()
         opt_p.step()
-        torch.testing.assert_close(p.detach(), flat(net), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(p.detach(), flat_weights(net), rtol=1e-10, atol=1e-12)
         assert opt_p.last_info[0].drift == opt.last_info[0].drift
 
 
@@ -947,7 +946,7 @@ def test_fip_on_a_mixed_precision_manifold_steps_in_its_precision(task):
             nn.functional.cross_entropy(out, task["yb"]).backward()
             opt.step()
         assert p.dtype == torch.float32
-        runs.append(p.detach().clone() - flat(task["net"]).float())
+        runs.append(p.detach().clone() - flat_weights(task["net"]).float())
     moved, err = float(runs[0].norm()), float((runs[1] - runs[0]).norm())
     assert 0 < err < 0.05 * moved
 
@@ -983,7 +982,9 @@ def test_batchnorm_statistics_are_the_old_tasks_and_the_metric_is_taken_in_eval_
     net.train()
     assert torch.equal(opt.anchor.fit_outputs, expected)  # frozen in eval mode
     metric = opt.manifold().metric
-    torch.testing.assert_close(metric.fn(flat(net)), expected)  # deterministic despite Dropout
+    torch.testing.assert_close(
+        metric.fn(flat_weights(net)), expected
+    )  # deterministic despite Dropout
     for step in range(3):
         opt.zero_grad()
         nn.functional.cross_entropy(net(task["xb"]), task["yb"]).backward()  # train mode
@@ -1036,7 +1037,7 @@ def test_protected_share_is_the_soft_projection_of_the_step(task):
         anchors=EXACT,
         pullback=PullBack(strength=0.0),
     )
-    w = flat(net)
+    w = flat_weights(net)
     new_task_backward(net, task)
     grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
     opt.step()
@@ -1077,7 +1078,7 @@ def test_factored_and_autograd_routes_take_the_same_step_on_a_cnn_with_batch_nor
     steps on it equal those of the generic autograd route."""
     cnn, anchors, xb, yb = cnn_problem()
     metric = PullbackMetric.from_module(cnn, anchors)
-    assert type(metric.jacobian_operator(flat(cnn))).__name__ == "FactoredJacobian"
+    assert type(metric.jacobian_operator(flat_weights(cnn))).__name__ == "FactoredJacobian"
     steps = []
     for route in ("factored", "autograd"):
         if route == "autograd":
@@ -1088,8 +1089,8 @@ def test_factored_and_autograd_routes_take_the_same_step_on_a_cnn_with_batch_nor
             opt.zero_grad()
             nn.functional.cross_entropy(net(xb), yb).backward()
             opt.step()
-        steps.append(flat(net))
-    assert not torch.allclose(steps[0], flat(cnn))
+        steps.append(flat_weights(net))
+    assert not torch.allclose(steps[0], flat_weights(cnn))
     assert torch.allclose(steps[0], steps[1], rtol=1e-7, atol=1e-9)
 
 
@@ -1101,9 +1102,9 @@ def test_a_fip_step_on_a_cnn_moves_held_out_outputs_far_less_than_sgd():
     opt = FIP(net.parameters(), model=net, anchor_inputs=anchors, lr=0.1)
     nn.functional.cross_entropy(net(xb), yb).backward()
     grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()])
-    w0 = flat(net)
+    w0 = flat_weights(net)
     opt.step()
-    length = float((flat(net) - w0).norm())
+    length = float((flat_weights(net) - w0).norm())
     assert length > 0
     net_sgd = copy.deepcopy(cnn)
     torch.nn.utils.vector_to_parameters(w0 - length * grad / grad.norm(), net_sgd.parameters())
