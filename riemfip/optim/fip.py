@@ -277,13 +277,7 @@ class FIP(PathOptimizer):
         drift_gradient = float(torch.dot(residual, gram.matrix @ residual).clamp_min(0).sqrt())
         cap = lr * max(float(grad.norm()), drift_gradient)  # |J^T r| = sqrt(r^T K r)
         correction = self.pullback.correction(pulled[1], cap)
-        if self.pullback.all_anchors_due(state["step"], self.sampling.batch):
-            # after this step's move, pull back on all fit anchors (not added to the batch's
-            # pull-back at w: both would undo the same drift)
-            moved = w + secondary + correction
-            with record_function("riemfip.all_anchor_pullback"):
-                cauchy = self._cauchy_pullback(gi, moved)
-            correction = correction - self.pullback.strength * cauchy
+        correction = self._with_all_anchor_pullback(gi, state, w, secondary, correction)
         grad_norm = float(grad.norm())
         return (
             secondary,
@@ -310,6 +304,17 @@ class FIP(PathOptimizer):
         if policy.refresh > 1:
             state["exact"] = {"step": state["step"], "x": x, "y0": y0, "seen": seen, "gram": gram}
         return seen, gram, gram.jacobian.embedded
+
+    def _with_all_anchor_pullback(self, gi, state, w, secondary, correction) -> torch.Tensor:
+        """``correction``, plus on the steps it is due (:meth:`PullBack.all_anchors_due`) the
+        pull-back on all fit anchors from the point this step's move reaches (not from ``w``,
+        where it would undo the same drift as the step's own pull-back); both routes'."""
+        pullback = self.pullback
+        if not pullback.all_anchors_due(state["step"], self.sampling.batch):
+            return correction
+        with record_function("riemfip.all_anchor_pullback"):
+            cauchy = self._cauchy_pullback(gi, w + secondary + correction)
+        return correction - pullback.strength * cauchy
 
     def _cauchy_pullback(self, gi: int, w: torch.Tensor) -> torch.Tensor:
         r"""Gauss–Newton Cauchy step toward the frozen outputs on *all* fit anchors:

@@ -166,12 +166,7 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
     if pulled is not None and opt.pullback.strength > 0:
         cap = lr * max(grad_norm, float(pulled.norm()))
         correction = opt.pullback.correction(_line_searched(solved[1], residual, jac), cap)
-    pullback = opt.pullback
-    if pullback.all_anchors_due(state["step"], opt.sampling.batch):
-        moved = w + secondary + correction
-        with record_function("riemfip.all_anchor_pullback"):
-            cauchy = opt._cauchy_pullback(gi, moved)
-        correction = correction - pullback.strength * cauchy
+    correction = opt._with_all_anchor_pullback(gi, state, w, secondary, correction)
     return (
         secondary,
         correction,
