@@ -21,9 +21,9 @@ runs for the same steps (same batches, same order) for every method:
   :mod:`riemfip.optim`'s names, the stored inputs ``anchors``, the ``fit_anchors`` among them
   and fine-tuning's chosen ``ft_lr`` in scope; ``NAME@P1,P2=...`` for some problems only);
 * with ``--references``, methods that see what FIP is denied, to show where the targets
-  sit: SGD at fine-tuning's lr (times ``--ref-lr-factor``) on each task-B batch plus as many labelled old-task examples,
-  drawn from all of task A's training set (``joint``) or from the stored examples with their
-  labels (``replay``).
+  sit: SGD at fine-tuning's lr (times ``--ref-lr-factor``) on each task-B batch plus as
+  many labelled old-task examples, drawn from all of task A's training set (``joint``) or
+  from the stored examples with their labels (``replay``).
 
 Targets (issue 9, item 2), per seed: the old task within 3 points of its accuracy before
 task B, and the new task at least 95% of fine-tuning's new-task accuracy (same seed).
@@ -251,19 +251,25 @@ def run_task_b(net, make_opt, x, y, *, epochs: int, batch: int, seed: int, mixed
     return out
 
 
-def fip_maker(anchors: torch.Tensor, options: dict | str, ft_lr: float):
-    """``options``: FIP keyword arguments, or the text of a ``--setting`` (evaluated here, with
+def setting_options(options: dict | str, anchors: torch.Tensor, ft_lr: float) -> dict:
+    """FIP keyword arguments, given as such or as the text of a ``--setting``, evaluated with
     :mod:`riemfip.optim`'s names, the run's ``anchors``, the ``fit_anchors`` among them (those
     FIP fits at the default ``holdout_fraction``, not the ones it holds out to measure drift)
-    and fine-tuning's chosen ``ft_lr`` in scope)."""
-    if isinstance(options, str):
-        held_out = holdout_mask(len(anchors), AnchorSampling().holdout_fraction)
-        scope = {k: getattr(ro, k) for k in ro.__all__} | {
-            "anchors": anchors,
-            "fit_anchors": anchors[~held_out],
-            "ft_lr": ft_lr,
-        }
-        options = eval(options, scope)  # a benchmark option, written by whoever runs it
+    and fine-tuning's chosen ``ft_lr`` in scope."""
+    if not isinstance(options, str):
+        return options
+    held_out = holdout_mask(len(anchors), AnchorSampling().holdout_fraction)
+    scope = {k: getattr(ro, k) for k in ro.__all__} | {
+        "anchors": anchors,
+        "fit_anchors": anchors[~held_out],
+        "ft_lr": ft_lr,
+    }
+    return eval(options, scope)  # a benchmark option, written by whoever runs it
+
+
+def fip_maker(anchors: torch.Tensor, options: dict | str, ft_lr: float):
+    """A maker of FIP with ``options`` (:func:`setting_options`) on ``model``'s parameters."""
+    options = setting_options(options, anchors, ft_lr)
 
     def make(net):
         return FIP(net.parameters(), model=net, anchor_inputs=anchors, **options)

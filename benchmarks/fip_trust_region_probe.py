@@ -184,10 +184,7 @@ def _run_task_b(net, make_opt, x, y, **kw):
 
 
 def _fip_maker(anchors, options, ft_lr):
-    if isinstance(options, str):
-        scope = {k: getattr(ro, k) for k in ro.__all__} | {"anchors": anchors, "ft_lr": ft_lr}
-        options = eval(options, scope)
-    options = dict(options)
+    options = dict(fd.setting_options(options, anchors, ft_lr))
     trust = options.pop("trust", None)
     if trust is not None:  # FIP keywords given inside the trust dict go to FIP
         trust = dict(trust)
