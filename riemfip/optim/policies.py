@@ -232,8 +232,8 @@ class Exact:
     ----------
     refresh : int
         Steps between rebuilds (default 1: every step, FIP's default). On the two-task
-        benchmarks 2 kept as much as every step at 15-20 % less time per step; 5 went
-        stale and diverged (``benchmarks/README.md``).
+        benchmarks 2 cost less per step and kept a little less of the old task, and
+        diverged at a larger ``lr``; 5 went stale and diverged (``benchmarks/README.md``).
     """
 
     refresh: int = 1
