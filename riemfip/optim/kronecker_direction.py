@@ -63,7 +63,7 @@ from manifolds.kronecker_eigenbasis import eigenbasis_metric
 from manifolds.kronecker_metric import KroneckerMetric
 from manifolds.layer_jacobian import FactoredJacobian
 
-from .policies import check_number
+from .policies import check_number, rebuild_due
 
 __all__ = ["Kronecker", "anchors_needed", "kronecker_step"]
 
@@ -105,7 +105,8 @@ class Kronecker:
 
 def refresh_due(policy: Kronecker, state: dict) -> bool:
     """Whether this step (``state["step"]``, already counted) rebuilds the factors."""
-    return "kronecker" not in state or state["step"] - state["kronecker_step"] >= policy.refresh
+    built = state["kronecker_step"] if "kronecker" in state else None
+    return rebuild_due(policy.refresh, built, state.get("step", 0))
 
 
 def anchors_needed(policy: Kronecker, state: dict, pullback) -> bool:

@@ -243,4 +243,12 @@ class Exact:
 
     def due(self, state: dict) -> bool:
         """Whether this step (``state["step"]``, already counted) rebuilds the metric."""
-        return "exact" not in state or state["step"] - state["exact"]["step"] >= self.refresh
+        built = state["exact"]["step"] if "exact" in state else None
+        return rebuild_due(self.refresh, built, state.get("step", 0))
+
+
+def rebuild_due(refresh: int, built_at: int | None, step: int) -> bool:
+    """Whether step ``step`` rebuilds a curvature built at step ``built_at`` (``None``: never)
+    and kept for ``refresh`` steps; the one rule of :class:`Exact` and
+    :class:`~riemfip.optim.Kronecker`."""
+    return built_at is None or step - built_at >= refresh
