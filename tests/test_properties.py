@@ -24,7 +24,7 @@ from dense_reference import (
     make_mlp,
     randn,
 )
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from manifolds import PullbackMetric, WeightSpace
@@ -101,6 +101,7 @@ def space(name: str) -> WeightSpace:
 
 @settings(max_examples=8, deadline=None)
 @given(name=names, seed=st.integers(0, 2**31 - 1), shift=st.floats(-0.5, 0.5))
+@example(name="bhattacharyya", seed=643846, shift=0.0)  # 3.49 at eps 0.04 / 0.02
 def test_retraction_and_taylor_map_orders(name, seed, shift):
     sp = space(name)
     metric, w0, _ = problem(name, 0.05)
@@ -110,7 +111,7 @@ def test_retraction_and_taylor_map_orders(name, seed, shift):
     # a direction of nonzero geodesic curvature (else the retraction is exact to higher order)
     assume(float(metric.acceleration(w, v).norm()) > 1e-2)
     err_retr, err_taylor = [], []
-    for eps in (0.04, 0.02):
+    for eps in (0.02, 0.01):  # small enough that O(eps) corrections to the ratios stay < 1/8
         exact = sp.expmap(w, eps * v)
         err_retr.append(float((exact - sp.retr(w, eps * v)).norm()))
         err_taylor.append(float((exact - sp.expmap_approx(w, eps * v, order=2)).norm()))
