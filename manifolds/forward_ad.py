@@ -19,7 +19,27 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ConstantOperands", "gram_vector_product"]
+__all__ = ["ConstantOperands", "gram_vector_product", "jacobian_vector_product"]
+
+
+def _dual_pass(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, v: torch.Tensor):
+    r"""``(F(w), Jv)``: one forward pass of ``fn`` at the dual number :math:`w + \varepsilon v`
+    under :class:`ConstantOperands` (the tangent is ``None`` where ``F`` does not depend on
+    ``w``)."""
+    with fwAD.dual_level(), ConstantOperands():
+        out = fn(fwAD.make_dual(w, v))
+        return fwAD.unpack_dual(out)
+
+
+def jacobian_vector_product(
+    fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`Jv` for :math:`J = \partial F/\partial w` of ``fn`` at ``w``: one dual-number forward
+    pass, with the first layer's tangent as one product (:class:`ConstantOperands`), where
+    :func:`torch.func.jvp` pays for two. No reverse-mode graph is kept."""
+    with torch.no_grad():
+        primal, tangent = _dual_pass(fn, w.detach(), v)
+    return torch.zeros_like(primal) if tangent is None else tangent
 
 
 def gram_vector_product(
@@ -36,9 +56,7 @@ def gram_vector_product(
     """
     with torch.enable_grad():
         wp = w.detach().requires_grad_(True)
-        with fwAD.dual_level(), ConstantOperands():
-            out = fn(fwAD.make_dual(wp, v))
-            primal, tangent = fwAD.unpack_dual(out)
+        primal, tangent = _dual_pass(fn, wp, v)
         if tangent is None or not primal.requires_grad:
             return torch.zeros_like(v)  # outputs do not depend on w
         (gv,) = torch.autograd.grad(primal, wp, tangent.detach(), allow_unused=True)

@@ -13,7 +13,10 @@ and never with :math:`J` itself. Two routes provide them:
 
 :class:`AutogradJacobian`
     Any differentiable map, by :mod:`torch.func` (``jvp``/``vjp`` under ``vmap``); :math:`K` from
-    :math:`m` reverse- and :math:`m` forward-mode products, a block of columns at a time.
+    :math:`m` reverse- and :math:`m` forward-mode products, a block of columns at a time. A
+    single row goes without ``vmap``, whose batching rules pay for products one row does not
+    need: its ``vjp`` is one backward pass, its ``jvp`` one dual-number forward pass
+    (:func:`~manifolds.forward_ad.jacobian_vector_product`).
 :mod:`manifolds.layer_jacobian`
     Networks whose moved weights all belong to supported layers: :math:`J` held exactly as
     layer inputs and output gradients, so the three operations are small matrix products.
@@ -27,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 from torch.func import jvp, vjp, vmap
+
+from .forward_ad import jacobian_vector_product
 
 __all__ = ["AutogradJacobian", "JacobianOperator", "jacobian_at"]
 
@@ -73,12 +78,24 @@ class AutogradJacobian(JacobianOperator):
         The point, flat.
     chunk : int
         Rows batched in one ``vmap`` call (bounds memory).
+    dual : bool
+        Whether a single ``jvp`` row may take the dual-number pass of
+        :mod:`torch.autograd.forward_ad` (default); ``False`` where ``embed`` runs under
+        :func:`torch.autocast`, whose casts that pass does not apply to both operands of a
+        product (:class:`~manifolds.MixedPrecision`).
     """
 
-    def __init__(self, embed: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, chunk=64):
+    def __init__(
+        self,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        w: torch.Tensor,
+        chunk=64,
+        dual: bool = True,
+    ):
         self._embed = embed
         self._w = w.detach()
         self._chunk = int(chunk)
+        self._dual = bool(dual)
         self.embedded, self._pull = vjp(embed, self._w)
 
     def _rows(self, fn, x: torch.Tensor) -> torch.Tensor:
@@ -87,9 +104,13 @@ class AutogradJacobian(JacobianOperator):
         return torch.cat([vmap(fn)(x[i : i + self._chunk]) for i in range(0, len(x), self._chunk)])
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape[0] == 1 and self._dual:
+            return jacobian_vector_product(self._embed, self._w, v[0])[None]
         return self._rows(lambda t: jvp(self._embed, (self._w,), (t,))[1], v)
 
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
+        if u.shape[0] == 1:
+            return self._pull(u[0])[0][None]
         return self._rows(lambda r: self._pull(r)[0], u)
 
     def gram(self) -> torch.Tensor:
@@ -107,11 +128,12 @@ def jacobian_at(
     embed: Callable[[torch.Tensor], torch.Tensor],
     w: torch.Tensor,
     factored: Callable[[torch.Tensor], JacobianOperator | None] | None = None,
+    dual: bool = True,
 ) -> JacobianOperator:
     """:math:`J` at ``w``: ``factored(w)`` when given and it applies (not ``None``), else
-    :class:`AutogradJacobian` of ``embed``."""
+    :class:`AutogradJacobian` of ``embed`` (with ``dual``)."""
     if factored is not None:
         jac = factored(w)
         if jac is not None:
             return jac
-    return AutogradJacobian(embed, w)
+    return AutogradJacobian(embed, w, dual=dual)

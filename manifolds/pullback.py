@@ -46,7 +46,7 @@ from .dense_acceleration import dense_acceleration
 from .flat import FlatModule
 from .forward_ad import gram_vector_product
 from .gram import OutputGram
-from .jacobian import JacobianOperator, jacobian_at
+from .jacobian import AutogradJacobian, JacobianOperator, jacobian_at
 from .layer_jacobian import module_jacobian
 from .output_metrics import OutputMetric, get_output_metric
 from .precision import MixedPrecision
@@ -314,7 +314,18 @@ class PullbackMetric:
         exactly in factored form when every moved weight belongs to a supported layer,
         else through :mod:`torch.func`. Not with a process group (``ValueError``)."""
         self._single_process("the Jacobian operator (output-space routes)")
-        return jacobian_at(self.embed, w, self._factored_jacobian)
+        return jacobian_at(self.embed, w, self._factored_jacobian, dual=self._dual_products)
+
+    def autograd_jacobian(self, w: torch.Tensor) -> AutogradJacobian:
+        r""":math:`J` at ``w`` through :mod:`torch.func` (:class:`~manifolds.AutogradJacobian`),
+        never factored: the route for a few products, e.g. one :math:`J^\top r` and one
+        :math:`Jp` (one forward pass here, one backward or dual-number pass per product)."""
+        return AutogradJacobian(self.embed, w, dual=self._dual_products)
+
+    @property
+    def _dual_products(self) -> bool:
+        """Whether dual-number passes may run this metric's products (not under autocast)."""
+        return self.precision is None or self.precision.products is None
 
     def _single_process(self, what: str) -> None:
         """Raise ``ValueError`` for ``what`` on a data-parallel metric: routes that need the

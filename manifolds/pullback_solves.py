@@ -21,7 +21,6 @@ from .conjugate_gradient import (
     solve_tolerance,
     status_of,
 )
-from .jacobian import AutogradJacobian
 
 if TYPE_CHECKING:
     from .pullback import PullbackMetric
@@ -86,9 +85,7 @@ def acceleration(
     with torch.no_grad():
         h = metric._second_derivative(w, v)
         # the output route needs J itself; the others only -J^T h (one reverse pass)
-        jac = (
-            metric.jacobian_operator(w) if method == "output" else AutogradJacobian(metric.embed, w)
-        )
+        jac = metric.jacobian_operator(w) if method == "output" else metric.autograd_jacobian(w)
         rhs = -jac.vjp(h.unsqueeze(0))[0]  # the acceleration is g^{-1} of it
         if metric.data_parallel is not None:  # -sum_r J_r^T h_r
             rhs = metric.data_parallel.all_reduce_sum(rhs)

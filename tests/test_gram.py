@@ -102,3 +102,31 @@ def test_sketched_metric_is_the_per_sample_projection_and_unbiased(problem):
         rows = torch.einsum("ncr,ncp->nrp", u, jac.reshape(3, 4, -1)).reshape(6, -1)
         mean += rows.T @ rows / draws
     assert float((mean - g).norm() / g.norm()) < 0.05
+
+
+@pytest.mark.parametrize("dual", [True, False])
+def test_autograd_jacobian_rows_one_at_a_time_and_batched_equal_the_dense_jacobian(problem, dual):
+    """A single row skips vmap (a plain backward pass; a dual-number forward pass when
+    ``dual``): the same J v and J^T u as the batched rows and the dense Jacobian."""
+    metric, w, jac = problem
+    op = AutogradJacobian(metric.embed, w, dual=dual)
+    m, n = jac.shape
+    v, u = randn(2, n, seed=6), randn(2, m, seed=7)
+    torch.testing.assert_close(op.jvp(v[:1]), (jac @ v[0])[None], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(op.jvp(v), v @ jac.T, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(op.vjp(u[:1]), (jac.T @ u[0])[None], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(op.vjp(u), u @ jac, rtol=1e-12, atol=1e-13)
+
+
+def test_autograd_jacobian_single_row_through_a_convolution_equals_the_dense_jacobian():
+    """The dual-number pass handles a first convolution (a constant input) as one product."""
+    torch.manual_seed(8)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+    ).to(DTYPE)
+    metric = PullbackMetric.from_module(net, randn(2, 1, 4, 4, seed=9), output_metric="fisher")
+    w = flat_weights(net)
+    jac = metric.jacobian(w)
+    v = randn(jac.shape[1], seed=10)
+    got = metric.autograd_jacobian(w).jvp(v[None])[0]
+    torch.testing.assert_close(got, jac @ v, rtol=1e-12, atol=1e-13)

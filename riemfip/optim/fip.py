@@ -73,7 +73,6 @@ from torch.autograd.profiler import record_function
 
 from manifolds import WeightSpace
 from manifolds.gram import OutputGram
-from manifolds.jacobian import AutogradJacobian
 from manifolds.output_metrics import OutputMetric
 
 from .anchored import PathOptimizer
@@ -324,7 +323,7 @@ class FIP(PathOptimizer):
         fit anchors for :math:`J^\top r`, one forward-mode pass for :math:`JJ^\top r`)."""
         anchor = self._groups[gi].anchor
         metric = self.step_metric(gi, anchor.fit_inputs, 0.0)
-        jac = AutogradJacobian(metric.embed, w)
+        jac = metric.autograd_jacobian(w)
         r = jac.embedded - self.output_metric.embed_samples(anchor.fit_outputs)
         g = jac.vjp(r[None])
         jg = jac.jvp(g)

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.profiler import record_function
 
-from manifolds.jacobian import AutogradJacobian, JacobianOperator
+from manifolds.jacobian import JacobianOperator
 from manifolds.kronecker_eigenbasis import eigenbasis_metric
 from manifolds.kronecker_metric import KroneckerMetric
 from manifolds.layer_jacobian import FactoredJacobian
@@ -153,7 +153,7 @@ def kronecker_step(opt, gi, param_group, state, w, grad, x, y0):
             state["kronecker"] = eigenbasis_metric(jac, policy.corrected)
             state["kronecker_step"] = state["step"]
         elif opt.pullback.strength > 0:
-            jac = AutogradJacobian(metric.embed, w)  # J^T r by one forward and one backward pass
+            jac = metric.autograd_jacobian(w)  # J^T r by one forward and one backward pass
         if jac is not None:
             residual = jac.embedded - seen.embed_samples(y0)
             pulled = jac.vjp(residual[None])[0]
