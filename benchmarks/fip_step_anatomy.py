@@ -37,7 +37,13 @@ r"""Where the time of a FIP step goes, on a network trained on its old task (iss
    Each part's share of the profiled ``step()`` is applied to the unprofiled mean
    ``step()`` time (the profiler slows small operations more than large ones, so the
    shares are approximate); the table gives each part in milliseconds and as a multiple
-   of the SGD step.
+   of the SGD step;
+5. ``--steps`` more FIP steps and SGD steps under the profiler with FLOP counting
+   (``with_flops``), each operation's FLOPs given to the part whose label encloses it: the
+   arithmetic of each part as a multiple of an SGD step's, which no implementation can
+   beat without computing less. The profiler counts matrix products and forward
+   convolutions but no convolution backward pass, so these figures are exact for the MLP
+   and undercount both FIP and SGD on LeNet-5.
 
 Run::
 
@@ -183,6 +189,19 @@ def measure(model: str, batch: int, args) -> dict:
         profiled["anchors"] + profiled["direction"] + profiled["drift_guard"]
     )
 
+    def counted_fip_step():
+        i = new_batch()
+        forward_backward(net, x[i], y[i])
+        opt.step()
+
+    def counted_sgd_step():
+        i = new_batch()
+        forward_backward(sgd_net, x[i], y[i])
+        sgd.step()
+
+    fip_flops = flops_by_part(counted_fip_step, args.steps)
+    sgd_flops = sum(flops_by_part(counted_sgd_step, args.steps).values())
+
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     sgd_step_ms, step = mean(sgd_ms), mean(step_ms)
     parts = {name: step * profiled[name] / profiled_step for name, _ in PARTS}
@@ -197,7 +216,38 @@ def measure(model: str, batch: int, args) -> dict:
         "halvings_per_step": mean(halved),
         "parts_ms": parts,
         "profiled_ms": {**profiled, "step": profiled_step},
+        "sgd_step_flops": sgd_flops,
+        "fip_flops": fip_flops,
     }
+
+
+def part_of(event) -> str:
+    """The part of a FIP step whose label encloses profiler ``event`` (``"outside"``: the
+    forward and backward pass of the training loop; ``"rest"``: ``step()`` outside the
+    labels)."""
+    labels = {label: name for name, label in LABELS.items()}
+    part, parent = "outside", event.cpu_parent
+    while parent is not None:
+        if parent.name in labels:
+            return labels[parent.name]
+        if parent.name == STEP:
+            part = "rest"
+        parent = parent.cpu_parent
+    return part
+
+
+def flops_by_part(step, steps: int) -> dict:
+    """Mean FLOPs per call of ``step()`` by part (:func:`part_of`), as the profiler counts them."""
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(steps):
+            step()
+    out: dict[str, float] = {}
+    for event in prof.events():
+        if event.flops:
+            part = part_of(event)
+            out[part] = out.get(part, 0.0) + event.flops / steps
+    out["solves"] = out.pop("direction", 0.0)  # what no inner label of the direction holds
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -218,6 +268,21 @@ def table(rows: list[dict]) -> str:
         ]
         cells += [cell(r["parts_ms"][n], r["parts_ms"][n] / unit) for n, _ in PARTS]
         cells.append(f"{r['halvings_per_step']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def flops_table(rows: list[dict]) -> str:
+    """Each part's FLOPs per step as a multiple of an SGD step's (see the module notes)."""
+    parts = [p for p in PARTS if p[0] != "rest"]
+    head = ["model", "batch", "SGD step MFLOP", "FIP's own work", *(t for _, t in parts)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        unit, f = r["sgd_step_flops"], r["fip_flops"]
+        own = sum(f.get(n, 0.0) for n, _ in parts)
+        name = r["model"] if r["model"] == "mlp" else r["model"] + " (undercounted)"
+        cells = [name, str(r["batch"]), f"{unit / 1e6:.1f}", f"{own / unit:.2f}×"]
+        cells += [f"{f.get(n, 0.0) / unit:.2f}×" for n, _ in parts]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -244,6 +309,8 @@ def main(argv=None) -> int:
             rows.append(measure(model, batch, args))
             print(f"{model} batch {batch}: ratio {rows[-1]['ratio_of_means']:.2f}", flush=True)
     print(table(rows))
+    print()
+    print(flops_table(rows))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"machine": machine(), "torch": torch.__version__, "args": vars(args), "rows": rows}
