@@ -353,8 +353,7 @@ class PathOptimizer(OptimMixin, torch.optim.Optimizer):
                     break
             if drift.divergence > budget:
                 scale, now = 0.0, self.anchor_drift(gi, w)
-                new_w = w + correction  # the pull-back alone
-                drift = self.anchor_drift(gi, new_w)
+                new_w, drift = move(scale)  # the pull-back alone
                 if drift.divergence >= now.divergence:
                     new_w, drift = w, now
         return new_w, drift, scale, shrunk
