@@ -82,6 +82,8 @@ LABELS = {
     "all_anchor_pullback": "riemfip.all_anchor_pullback",
     "drift_guard": "riemfip.drift_guard",
 }
+#: The part each label names, by label.
+PART_OF_LABEL = {label: name for name, label in LABELS.items()}
 STEP = "Optimizer.step#FIP.step"
 PARTS = (
     ("anchors", "anchors"),
@@ -174,11 +176,19 @@ def measure(model: str, batch: int, args) -> dict:
         for run in pair:
             run(x[i], y[i])
 
+    def next_fip_step():
+        i = new_batch()
+        forward_backward(net, x[i], y[i])
+        opt.step()
+
+    def next_sgd_step():
+        i = new_batch()
+        forward_backward(sgd_net, x[i], y[i])
+        sgd.step()
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
-            i = new_batch()
-            forward_backward(net, x[i], y[i])
-            opt.step()
+            next_fip_step()
     totals = {e.key: e.cpu_time_total / 1e3 / args.steps for e in prof.key_averages()}
     profiled = {name: totals.get(label, 0.0) for name, label in LABELS.items()}
     profiled_step = totals[STEP]
@@ -189,18 +199,8 @@ def measure(model: str, batch: int, args) -> dict:
         profiled["anchors"] + profiled["direction"] + profiled["drift_guard"]
     )
 
-    def counted_fip_step():
-        i = new_batch()
-        forward_backward(net, x[i], y[i])
-        opt.step()
-
-    def counted_sgd_step():
-        i = new_batch()
-        forward_backward(sgd_net, x[i], y[i])
-        sgd.step()
-
-    fip_flops = flops_by_part(counted_fip_step, args.steps)
-    sgd_flops = sum(flops_by_part(counted_sgd_step, args.steps).values())
+    fip_flops = flops_by_part(next_fip_step, args.steps)
+    sgd_flops = sum(flops_by_part(next_sgd_step, args.steps).values())
 
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     sgd_step_ms, step = mean(sgd_ms), mean(step_ms)
@@ -225,11 +225,10 @@ def part_of(event) -> str:
     """The part of a FIP step whose label encloses profiler ``event`` (``"outside"``: the
     forward and backward pass of the training loop; ``"rest"``: ``step()`` outside the
     labels)."""
-    labels = {label: name for name, label in LABELS.items()}
     part, parent = "outside", event.cpu_parent
     while parent is not None:
-        if parent.name in labels:
-            return labels[parent.name]
+        if parent.name in PART_OF_LABEL:
+            return PART_OF_LABEL[parent.name]
         if parent.name == STEP:
             part = "rest"
         parent = parent.cpu_parent
